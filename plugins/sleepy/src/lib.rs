@@ -1,0 +1,32 @@
+//! `sleepy`: keeps the CPU busy for a given time, without ever yielding to the host.
+//!
+//! Parameters: `ms` (default 100), how long to spin. It reads the clock through WASI and
+//! otherwise loops, so only the host's epoch deadline or fuel budget can stop it early;
+//! exactly what the sandbox's timeout tests need.
+
+use rebound_sdk::serde_json::{Value, json};
+use rebound_sdk::{Failure, Handler, Task, export_handler};
+use std::time::{Duration, Instant};
+
+struct Sleepy;
+
+impl Handler for Sleepy {
+    fn handle(task: Task) -> Result<Value, Failure> {
+        let ms: u64 = if task.params.trim() == "{}" {
+            100
+        } else {
+            task.params_field("ms")?
+        };
+        let started = Instant::now();
+        let mut spins: u64 = 0;
+        while started.elapsed() < Duration::from_millis(ms) {
+            // Arithmetic the optimiser cannot drop, between clock reads.
+            for i in 0..10_000u64 {
+                spins = std::hint::black_box(spins.wrapping_add(i));
+            }
+        }
+        Ok(json!({ "spun_ms": ms, "spins": spins }))
+    }
+}
+
+export_handler!(Sleepy);
