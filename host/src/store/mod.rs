@@ -1,0 +1,188 @@
+//! Where tasks live, and every change of a task's state.
+//!
+//! [`Store`] is the one interface the rest of the host uses. Each method is one state
+//! transition, applied atomically by the backend: a Lua script on Redis
+//! ([`redis::RedisStore`]), a transaction on the embedded SQLite file
+//! ([`embedded::EmbeddedStore`]). Both pass the same conformance tests (`tests/`).
+//!
+//! The store decides nothing about retries: the host computes whether a failed attempt is
+//! retried, and after how long, from the task's retry policy ([`crate::backoff`]), and the
+//! store applies that decision, provided the host still holds the task's lease.
+//!
+//! Times are read where the transition is applied (Redis's clock for Redis, the local clock
+//! for the embedded store), so hosts with skewed clocks agree on when a task is due.
+
+pub mod embedded;
+pub mod redis;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::task::{NewTask, StateCounts, Task, TaskState};
+
+/// A shared handle to a store.
+pub type SharedStore = Arc<dyn Store>;
+
+/// A store transition that failed, with what was asked and why.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// `create` with an id that another task already has.
+    #[error("task `{id}` already exists (in queue `{queue}`)")]
+    DuplicateId {
+        /// The id asked for.
+        id: String,
+        /// The queue of the task that has it.
+        queue: String,
+    },
+    /// No task has this id.
+    #[error("task `{id}` not found")]
+    NotFound {
+        /// The id asked for.
+        id: String,
+    },
+    /// A report from a host whose lease on the task is gone; nothing was applied.
+    #[error(
+        "{transition} of task `{id}` rejected: the lease with token {token} is no longer held \
+         (the task is {state})"
+    )]
+    LeaseLost {
+        /// The task.
+        id: String,
+        /// What the host tried to do.
+        transition: &'static str,
+        /// The fencing token the host presented.
+        token: u64,
+        /// The task's state now (or `missing`).
+        state: String,
+    },
+    /// Input the store refuses, with what is wrong with it.
+    #[error("invalid task: {0}")]
+    Invalid(String),
+    /// The backend failed; the transition may or may not have been applied.
+    #[error("store failed to {transition}: {source:#}")]
+    Backend {
+        /// The transition that failed.
+        transition: &'static str,
+        /// The backend's error.
+        #[source]
+        source: anyhow::Error,
+    },
+}
+
+impl StoreError {
+    /// Wraps a backend error for `transition`.
+    pub fn backend(transition: &'static str, source: impl Into<anyhow::Error>) -> Self {
+        StoreError::Backend {
+            transition,
+            source: source.into(),
+        }
+    }
+}
+
+/// Identifies one attempt of a task: the task and the fencing token its claim returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRef {
+    /// The task's id.
+    pub id: String,
+    /// The task's queue.
+    pub queue: String,
+    /// The lease's fencing token.
+    pub token: u64,
+}
+
+impl AttemptRef {
+    /// The attempt that a claim just started.
+    ///
+    /// # Panics
+    /// If `task` carries no lease, which a claimed task always does.
+    pub fn of(task: &Task) -> Self {
+        let lease = task
+            .lease
+            .as_ref()
+            .expect("a claimed task always carries a lease");
+        AttemptRef {
+            id: task.id.clone(),
+            queue: task.queue.clone(),
+            token: lease.token,
+        }
+    }
+}
+
+/// What happens to a task after a failed attempt, as the host decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextStep {
+    /// Retry once this delay has passed (the task becomes `retrying`).
+    RetryIn(Duration),
+    /// No retry: the task becomes `failed`.
+    Fail,
+}
+
+/// A failed attempt, as reported by the host that ran it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedAttempt {
+    /// Why the attempt failed; becomes the task's last error.
+    pub error: String,
+    /// Retry, or fail for good.
+    pub next: NextStep,
+    /// Whether the plugin's `on-exhausted` hook ran for this failure.
+    pub exhausted_hook_ran: bool,
+    /// The progress the attempt reached.
+    pub progress: u8,
+}
+
+/// How tasks are stored and moved between states. See the module docs.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Creates a task, `pending` (claimable once `delay_ms` has passed). Fails with
+    /// [`StoreError::DuplicateId`] when a task with the same id exists, in any queue.
+    async fn create(&self, task: NewTask) -> Result<Task, StoreError>;
+
+    /// Claims up to `max` claimable tasks of `queue` for `owner`, highest priority first and,
+    /// within a priority, in the order they became claimable. Each claimed task is `running`,
+    /// its attempt count one higher, and it carries a lease of `lease` with a fresh token.
+    /// Atomic: two concurrent claims never return the same task.
+    async fn claim(
+        &self,
+        queue: &str,
+        owner: &str,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<Task>, StoreError>;
+
+    /// Records a successful attempt: the task becomes `completed` with `result`.
+    async fn complete(
+        &self,
+        attempt: &AttemptRef,
+        result: &str,
+        progress: u8,
+    ) -> Result<(), StoreError>;
+
+    /// Records a failed attempt and returns the task's new state (`retrying` or `failed`).
+    async fn fail(
+        &self,
+        attempt: &AttemptRef,
+        failure: &FailedAttempt,
+    ) -> Result<TaskState, StoreError>;
+
+    /// Raises the stored progress of a running task; a lower value leaves it unchanged.
+    async fn set_progress(&self, attempt: &AttemptRef, percent: u8) -> Result<(), StoreError>;
+
+    /// The task with this id, if any.
+    async fn get(&self, id: &str) -> Result<Option<Task>, StoreError>;
+
+    /// How many tasks of `queue` are in each state; O(1), whatever the queue's size.
+    async fn counts(&self, queue: &str) -> Result<StateCounts, StoreError>;
+
+    /// Every queue that has ever had a task, sorted by name.
+    async fn queues(&self) -> Result<Vec<String>, StoreError>;
+}
+
+/// Milliseconds since the Unix epoch, by this machine's clock.
+pub(crate) fn now_ms() -> u64 {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
+}
