@@ -1,0 +1,43 @@
+-- create: add a new task to its queue, unless a task with the same id is already there.
+--
+-- KEYS[1] task hash        {rebound:Q}:task:ID
+-- KEYS[2] ready zset       {rebound:Q}:ready
+-- KEYS[3] scheduled zset   {rebound:Q}:scheduled
+-- KEYS[4] counts hash      {rebound:Q}:counts
+-- ARGV[1] id
+-- ARGV[2] queue
+-- ARGV[3] params (JSON text)
+-- ARGV[4] priority (integer, MIN_PRIORITY..MAX_PRIORITY)
+-- ARGV[5] delay in ms (0 = claimable at once)
+-- ARGV[6] retry policy as JSON text, or "" for none
+-- ARGV[7] MAX_PRIORITY, for the ready score
+--
+-- Returns {"ok", now_ms} or {"duplicate"}.
+
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {'duplicate'}
+end
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local priority = tonumber(ARGV[4])
+local run_at = now + tonumber(ARGV[5])
+
+redis.call('HSET', KEYS[1],
+  'id', ARGV[1], 'queue', ARGV[2], 'params', ARGV[3], 'state', 'pending',
+  'priority', ARGV[4], 'attempt', 0, 'token', 0, 'run_at', run_at, 'progress', 0,
+  'hook_runs', 0, 'created', now, 'updated', now)
+if ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[1], 'retry', ARGV[6])
+end
+
+-- Claim order is priority first, then readiness time. Both fit exactly in one double:
+-- readiness in ms needs 42 bits until the year 2109, priorities need 11 more.
+if run_at <= now then
+  local score = (tonumber(ARGV[7]) - priority) * 4398046511104 + run_at
+  redis.call('ZADD', KEYS[2], string.format('%.0f', score), ARGV[1])
+else
+  redis.call('ZADD', KEYS[3], run_at, ARGV[1])
+end
+redis.call('HINCRBY', KEYS[4], 'pending', 1)
+return {'ok', tostring(now)}

@@ -1,0 +1,518 @@
+//! The Redis store: tasks shared by any number of hosts through one Redis server.
+//!
+//! Every key of a queue carries the hash tag `{rebound:QUEUE}`, so a queue lives in one Redis
+//! Cluster slot and each transition can be a single Lua script over the queue's keys (the
+//! scripts are in `lua/`, one per transition, each opening with its KEYS and ARGV). Two keys
+//! sit outside any queue: the set of queue names, and one small string per task id that
+//! points at the task's queue, so that a task can be found by its id alone and ids stay
+//! unique across queues.
+//!
+//! | key                         | type   | holds                                          |
+//! |-----------------------------|--------|------------------------------------------------|
+//! | `{rebound:Q}:task:ID`       | hash   | one task's fields                              |
+//! | `{rebound:Q}:ready`         | zset   | claimable tasks, scored by priority then time  |
+//! | `{rebound:Q}:scheduled`     | zset   | delayed and retrying tasks, scored by run time |
+//! | `{rebound:Q}:running`       | zset   | running tasks, scored by lease deadline        |
+//! | `{rebound:Q}:completed`     | zset   | completed tasks, scored by finish time         |
+//! | `{rebound:Q}:failed`        | zset   | failed tasks, scored by finish time            |
+//! | `{rebound:Q}:counts`        | hash   | state name → number of tasks, for O(1) stats   |
+//! | `rebound:queues`            | set    | every queue name                               |
+//! | `rebound:id:ID`             | string | the queue of task ID                           |
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use async_trait::async_trait;
+use fred::prelude::*;
+use fred::types::scripts::Script;
+
+use super::{AttemptRef, FailedAttempt, NextStep, Store, StoreError};
+use crate::backoff::RetryPolicy;
+use crate::task::{ERROR_HISTORY_LEN, Lease, MAX_PRIORITY, NewTask, StateCounts, Task, TaskState};
+
+/// Names every Redis key the store uses; nothing else builds key strings.
+mod keys {
+    /// The hash-tagged prefix shared by all keys of `queue`.
+    pub fn queue_prefix(queue: &str) -> String {
+        format!("{{rebound:{queue}}}")
+    }
+
+    /// The prefix that, followed by an id, names a task hash of `queue`.
+    pub fn task_prefix(queue: &str) -> String {
+        format!("{}:task:", queue_prefix(queue))
+    }
+
+    /// The hash of one task.
+    pub fn task(queue: &str, id: &str) -> String {
+        format!("{}{id}", task_prefix(queue))
+    }
+
+    /// One of the queue's sorted sets or its counts hash, by suffix.
+    pub fn queue_key(queue: &str, suffix: &str) -> String {
+        format!("{}:{suffix}", queue_prefix(queue))
+    }
+
+    /// The set of all queue names.
+    pub const QUEUES: &str = "rebound:queues";
+
+    /// The string that records which queue holds task `id`.
+    pub fn id_index(id: &str) -> String {
+        format!("rebound:id:{id}")
+    }
+}
+
+/// The transition scripts, loaded once and run by their SHA-1.
+struct Scripts {
+    create: Script,
+    claim: Script,
+    complete: Script,
+    fail: Script,
+    progress: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Scripts {
+            create: Script::from_lua(include_str!("lua/create.lua")),
+            claim: Script::from_lua(include_str!("lua/claim.lua")),
+            complete: Script::from_lua(include_str!("lua/complete.lua")),
+            fail: Script::from_lua(include_str!("lua/fail.lua")),
+            progress: Script::from_lua(include_str!("lua/progress.lua")),
+        }
+    }
+}
+
+/// Tasks in Redis. Cheap to share: one multiplexed connection that reconnects by itself.
+pub struct RedisStore {
+    client: Client,
+    scripts: Scripts,
+    /// Queues this process already added to `rebound:queues`, to skip the write next time.
+    known_queues: Mutex<HashSet<String>>,
+}
+
+impl RedisStore {
+    /// Connects to the Redis server at `url` (`redis://[user:password@]host:port[/db]`).
+    /// Fails when the URL is malformed or the server cannot be reached within a few seconds;
+    /// after that, lost connections are re-established in the background.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let config = Config::from_url(url)
+            .with_context(|| format!("invalid Redis URL `{url}`"))
+            .map_err(|err| StoreError::backend("connect", err))?;
+        let client = Builder::from_config(config)
+            .with_connection_config(|conn| {
+                conn.connection_timeout = Duration::from_secs(5);
+                conn.internal_command_timeout = Duration::from_secs(10);
+            })
+            .with_performance_config(|perf| {
+                perf.default_command_timeout = Duration::from_secs(10);
+            })
+            // Reconnect forever, backing off from 100 ms to 5 s, so a Redis restart only
+            // pauses the host.
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+            .build()
+            .map_err(|err| StoreError::backend("connect", err))?;
+        client
+            .init()
+            .await
+            .with_context(|| format!("cannot reach Redis at `{url}`"))
+            .map_err(|err| StoreError::backend("connect", err))?;
+        Ok(RedisStore {
+            client,
+            scripts: Scripts::new(),
+            known_queues: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Closes the connection.
+    pub async fn close(&self) {
+        let _ = self.client.quit().await;
+    }
+
+    /// Reserves `id` for `queue` in the id index; fails if another task has it.
+    async fn reserve_id(&self, id: &str, queue: &str) -> Result<(), StoreError> {
+        let index = keys::id_index(id);
+        let set: Option<String> = self
+            .client
+            .set(&index, queue, None, Some(SetOptions::NX), false)
+            .await
+            .map_err(|err| StoreError::backend("create", err))?;
+        if set.is_some() {
+            return Ok(());
+        }
+
+        // The id is taken, unless the reservation is left over from a create that never
+        // finished (its task hash does not exist): then it is ours to reuse.
+        let holder: Option<String> = self
+            .client
+            .get(&index)
+            .await
+            .map_err(|err| StoreError::backend("create", err))?;
+        let holder = holder.unwrap_or_else(|| queue.to_owned());
+        let exists: bool = self
+            .client
+            .exists(keys::task(&holder, id))
+            .await
+            .map_err(|err| StoreError::backend("create", err))?;
+        if exists {
+            return Err(StoreError::DuplicateId {
+                id: id.to_owned(),
+                queue: holder,
+            });
+        }
+        self.client
+            .set::<(), _, _>(&index, queue, None, None, false)
+            .await
+            .map_err(|err| StoreError::backend("create", err))
+    }
+
+    /// Adds `queue` to the set of queues, once per process.
+    async fn register_queue(&self, queue: &str) -> Result<(), StoreError> {
+        if self.known_queues.lock().expect("poisoned").contains(queue) {
+            return Ok(());
+        }
+        self.client
+            .sadd::<(), _, _>(keys::QUEUES, queue)
+            .await
+            .map_err(|err| StoreError::backend("create", err))?;
+        self.known_queues
+            .lock()
+            .expect("poisoned")
+            .insert(queue.to_owned());
+        Ok(())
+    }
+
+    /// Turns a script's "lost:STATE" answer into the error that says so.
+    fn lease_lost(attempt: &AttemptRef, transition: &'static str, answer: &str) -> StoreError {
+        StoreError::LeaseLost {
+            id: attempt.id.clone(),
+            transition,
+            token: attempt.token,
+            state: answer.trim_start_matches("lost:").to_owned(),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn create(&self, task: NewTask) -> Result<Task, StoreError> {
+        task.validate().map_err(StoreError::Invalid)?;
+        let id = match &task.id {
+            Some(id) => {
+                self.reserve_id(id, &task.queue).await?;
+                id.clone()
+            }
+            None => {
+                // A fresh UUIDv7 cannot collide: record it without the check.
+                let id = uuid::Uuid::now_v7().to_string();
+                self.client
+                    .set::<(), _, _>(keys::id_index(&id), &task.queue, None, None, false)
+                    .await
+                    .map_err(|err| StoreError::backend("create", err))?;
+                id
+            }
+        };
+        self.register_queue(&task.queue).await?;
+
+        let retry = match &task.retry {
+            Some(policy) => serde_json::to_string(policy).expect("a policy always serializes"),
+            None => String::new(),
+        };
+        let queue = &task.queue;
+        let keys = vec![
+            keys::task(queue, &id),
+            keys::queue_key(queue, "ready"),
+            keys::queue_key(queue, "scheduled"),
+            keys::queue_key(queue, "counts"),
+        ];
+        let args: Vec<String> = vec![
+            id.clone(),
+            queue.clone(),
+            task.params.clone(),
+            task.priority.to_string(),
+            task.delay_ms.to_string(),
+            retry,
+            MAX_PRIORITY.to_string(),
+        ];
+        let answer: Vec<String> = self
+            .scripts
+            .create
+            .evalsha_with_reload(&self.client, keys, args)
+            .await
+            .map_err(|err| StoreError::backend("create", err))?;
+        if answer.first().map(String::as_str) != Some("ok") {
+            return Err(StoreError::DuplicateId {
+                id,
+                queue: queue.clone(),
+            });
+        }
+        let now: u64 = answer.get(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+
+        Ok(Task {
+            id,
+            queue: task.queue,
+            params: task.params,
+            state: TaskState::Pending,
+            priority: task.priority,
+            attempt: 0,
+            retry: task.retry,
+            run_at_ms: now.saturating_add(task.delay_ms),
+            progress: 0,
+            result: None,
+            last_error: None,
+            errors: Vec::new(),
+            exhausted_hook_runs: 0,
+            created_ms: now,
+            updated_ms: now,
+            started_ms: None,
+            finished_ms: None,
+            lease: None,
+        })
+    }
+
+    async fn claim(
+        &self,
+        queue: &str,
+        owner: &str,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<Task>, StoreError> {
+        let keys = vec![
+            keys::queue_key(queue, "ready"),
+            keys::queue_key(queue, "scheduled"),
+            keys::queue_key(queue, "running"),
+            keys::queue_key(queue, "counts"),
+        ];
+        let args: Vec<String> = vec![
+            max.to_string(),
+            owner.to_owned(),
+            lease.as_millis().to_string(),
+            keys::task_prefix(queue),
+            MAX_PRIORITY.to_string(),
+        ];
+        let claimed: Value = self
+            .scripts
+            .claim
+            .evalsha_with_reload(&self.client, keys, args)
+            .await
+            .map_err(|err| StoreError::backend("claim", err))?;
+        claimed
+            .into_array()
+            .into_iter()
+            .map(|fields| task_from_fields(fields.into_array()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| StoreError::backend("claim", err))
+    }
+
+    async fn complete(
+        &self,
+        attempt: &AttemptRef,
+        result: &str,
+        progress: u8,
+    ) -> Result<(), StoreError> {
+        let queue = &attempt.queue;
+        let keys = vec![
+            keys::task(queue, &attempt.id),
+            keys::queue_key(queue, "running"),
+            keys::queue_key(queue, "completed"),
+            keys::queue_key(queue, "counts"),
+        ];
+        let args: Vec<String> = vec![
+            attempt.id.clone(),
+            attempt.token.to_string(),
+            result.to_owned(),
+            progress.min(100).to_string(),
+        ];
+        let answer: String = self
+            .scripts
+            .complete
+            .evalsha_with_reload(&self.client, keys, args)
+            .await
+            .map_err(|err| StoreError::backend("complete", err))?;
+        if answer != "ok" {
+            return Err(Self::lease_lost(attempt, "complete", &answer));
+        }
+        Ok(())
+    }
+
+    async fn fail(
+        &self,
+        attempt: &AttemptRef,
+        failure: &FailedAttempt,
+    ) -> Result<TaskState, StoreError> {
+        let queue = &attempt.queue;
+        let keys = vec![
+            keys::task(queue, &attempt.id),
+            keys::queue_key(queue, "running"),
+            keys::queue_key(queue, "scheduled"),
+            keys::queue_key(queue, "failed"),
+            keys::queue_key(queue, "counts"),
+        ];
+        let delay = match failure.next {
+            // Lua numbers are doubles: keep delays within their exact integer range.
+            NextStep::RetryIn(delay) => delay.as_millis().min(1 << 52).to_string(),
+            NextStep::Fail => "-1".to_owned(),
+        };
+        let args: Vec<String> = vec![
+            attempt.id.clone(),
+            attempt.token.to_string(),
+            failure.error.clone(),
+            delay,
+            u8::from(failure.exhausted_hook_ran).to_string(),
+            failure.progress.min(100).to_string(),
+            ERROR_HISTORY_LEN.to_string(),
+        ];
+        let answer: String = self
+            .scripts
+            .fail
+            .evalsha_with_reload(&self.client, keys, args)
+            .await
+            .map_err(|err| StoreError::backend("fail", err))?;
+        answer
+            .parse::<TaskState>()
+            .map_err(|_| Self::lease_lost(attempt, "fail", &answer))
+    }
+
+    async fn set_progress(&self, attempt: &AttemptRef, percent: u8) -> Result<(), StoreError> {
+        let keys = vec![keys::task(&attempt.queue, &attempt.id)];
+        let args: Vec<String> = vec![attempt.token.to_string(), percent.min(100).to_string()];
+        let answer: String = self
+            .scripts
+            .progress
+            .evalsha_with_reload(&self.client, keys, args)
+            .await
+            .map_err(|err| StoreError::backend("set progress", err))?;
+        if answer != "ok" {
+            return Err(Self::lease_lost(attempt, "set progress", &answer));
+        }
+        Ok(())
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Task>, StoreError> {
+        let queue: Option<String> = self
+            .client
+            .get(keys::id_index(id))
+            .await
+            .map_err(|err| StoreError::backend("get", err))?;
+        let Some(queue) = queue else {
+            return Ok(None);
+        };
+        let fields: HashMap<String, String> = self
+            .client
+            .hgetall(keys::task(&queue, id))
+            .await
+            .map_err(|err| StoreError::backend("get", err))?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        task_from_map(&fields)
+            .map(Some)
+            .map_err(|err| StoreError::backend("get", err))
+    }
+
+    async fn counts(&self, queue: &str) -> Result<StateCounts, StoreError> {
+        let stored: HashMap<String, i64> = self
+            .client
+            .hgetall(keys::queue_key(queue, "counts"))
+            .await
+            .map_err(|err| StoreError::backend("count", err))?;
+        let mut counts = StateCounts::default();
+        for (state, n) in stored {
+            if let Ok(state) = state.parse::<TaskState>() {
+                *counts.get_mut(state) = u64::try_from(n).unwrap_or(0);
+            }
+        }
+        Ok(counts)
+    }
+
+    async fn queues(&self) -> Result<Vec<String>, StoreError> {
+        let mut queues: Vec<String> = self
+            .client
+            .smembers(keys::QUEUES)
+            .await
+            .map_err(|err| StoreError::backend("list queues", err))?;
+        queues.sort();
+        Ok(queues)
+    }
+}
+
+/// Reads a task from the flat field/value array that HGETALL returns inside a script.
+fn task_from_fields(fields: Vec<Value>) -> anyhow::Result<Task> {
+    let mut map = HashMap::with_capacity(fields.len() / 2);
+    let mut fields = fields.into_iter();
+    while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+        let name = name.into_string().context("field name is not text")?;
+        let value = value
+            .into_string()
+            .with_context(|| format!("field `{name}` is not text"))?;
+        map.insert(name, value);
+    }
+    task_from_map(&map)
+}
+
+/// Reads a task from its hash fields, naming the field that is missing or malformed.
+fn task_from_map(fields: &HashMap<String, String>) -> anyhow::Result<Task> {
+    let text = |name: &str| -> anyhow::Result<String> {
+        fields
+            .get(name)
+            .cloned()
+            .ok_or_else(|| anyhow!("task hash has no field `{name}`"))
+    };
+    let number = |name: &str| -> anyhow::Result<u64> {
+        text(name)?
+            .parse()
+            .with_context(|| format!("task field `{name}` is not a number"))
+    };
+    let optional = |name: &str| -> anyhow::Result<Option<u64>> {
+        fields
+            .get(name)
+            .map(|v| v.parse())
+            .transpose()
+            .with_context(|| format!("task field `{name}` is not a number"))
+    };
+
+    let id = text("id")?;
+    let state: TaskState = text("state")?.parse().map_err(|e: String| anyhow!(e))?;
+    let retry: Option<RetryPolicy> = fields
+        .get("retry")
+        .map(|json| serde_json::from_str(json))
+        .transpose()
+        .context("task field `retry` is not a retry policy")?;
+    let errors: Vec<String> = match fields.get("errors") {
+        Some(json) => serde_json::from_str(json).context("task field `errors` is not a list")?,
+        None => Vec::new(),
+    };
+    let lease = match (fields.get("owner"), optional("lease_deadline")?) {
+        (Some(owner), Some(deadline_ms)) => Some(Lease {
+            owner: owner.clone(),
+            deadline_ms,
+            token: number("token")?,
+        }),
+        _ => None,
+    };
+    let priority: i32 = text("priority")?
+        .parse()
+        .context("task field `priority` is not a number")?;
+
+    Ok(Task {
+        id,
+        queue: text("queue")?,
+        params: text("params")?,
+        state,
+        priority,
+        attempt: u32::try_from(number("attempt")?).unwrap_or(u32::MAX),
+        retry,
+        run_at_ms: number("run_at")?,
+        progress: u8::try_from(number("progress")?.min(100)).unwrap_or(100),
+        result: fields.get("result").cloned(),
+        last_error: fields.get("last_error").cloned(),
+        errors,
+        exhausted_hook_runs: u32::try_from(number("hook_runs")?).unwrap_or(u32::MAX),
+        created_ms: number("created")?,
+        updated_ms: number("updated")?,
+        started_ms: optional("started")?,
+        finished_ms: optional("finished")?,
+        lease,
+    })
+}
