@@ -1,0 +1,72 @@
+//! Settings of a running host: how it claims tasks, how long they may run, how they retry.
+//!
+//! Every field documents its default, its unit, and what zero means. The command line
+//! (`rebound run --help`) sets them; values that make no sense are refused by
+//! [`HostConfig::validate`] with the name of the setting.
+
+use std::time::Duration;
+
+use crate::backoff::RetryPolicy;
+use crate::runtime::SandboxLimits;
+
+/// Everything `rebound run` needs besides the store and the plugin directory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostConfig {
+    /// Limits of every attempt's sandbox (timeout, fuel, memory).
+    pub limits: SandboxLimits,
+    /// Retry policy for tasks submitted without one.
+    pub retry: RetryPolicy,
+    /// Attempts that may run at once, per queue. Default 8; must be at least 1.
+    pub concurrency: usize,
+    /// Most tasks claimed in one round trip to the store. Default 16; at least 1.
+    pub batch_size: usize,
+    /// How long an idle queue waits before asking the store again. Default 50 ms.
+    pub poll_interval: Duration,
+    /// How long running attempts may go on after a shutdown was asked for, before they are
+    /// interrupted. Default 30 s; zero interrupts them at once.
+    pub shutdown_grace: Duration,
+    /// How long a claim's lease lasts beyond `exec_timeout`, to cover reporting the outcome.
+    /// Default 30 s.
+    pub lease_margin: Duration,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            limits: SandboxLimits::default(),
+            retry: RetryPolicy::default(),
+            concurrency: 8,
+            batch_size: 16,
+            poll_interval: Duration::from_millis(50),
+            shutdown_grace: Duration::from_secs(30),
+            lease_margin: Duration::from_secs(30),
+        }
+    }
+}
+
+impl HostConfig {
+    /// Refuses settings the host cannot run with, naming the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.concurrency == 0 {
+            return Err("concurrency must be at least 1".into());
+        }
+        if self.batch_size == 0 {
+            return Err("batch_size must be at least 1".into());
+        }
+        if self.limits.exec_timeout.is_zero() {
+            return Err("exec_timeout must be more than zero".into());
+        }
+        if self.limits.fuel == Some(0) {
+            return Err("fuel must be more than zero (leave it unset for no budget)".into());
+        }
+        if self.limits.memory_bytes < 64 * 1024 {
+            return Err("memory limit must be at least 64 KiB (one WebAssembly page)".into());
+        }
+        self.retry.validate()
+    }
+
+    /// The lease a claim takes: the longest an attempt may run, plus the margin.
+    pub fn lease(&self) -> Duration {
+        self.limits.exec_timeout + self.lease_margin
+    }
+}

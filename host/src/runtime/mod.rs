@@ -1,0 +1,356 @@
+//! The WebAssembly side of the host: one engine, the loaded plugins, and the sandbox in which
+//! each attempt runs.
+//!
+//! Every attempt gets a fresh `wasmtime::Store` and instance. Its wall-clock deadline is
+//! enforced with epoch interruption: a dedicated OS thread ticks the engine's epoch every
+//! [`EPOCH_TICK`], and at each tick a running guest yields to the async runtime (so a guest
+//! that never returns cannot starve other tasks) and is trapped once its deadline has passed
+//! or the host asked it to stop. An optional fuel budget bounds the CPU work of an attempt,
+//! and a memory cap bounds its linear memories.
+//!
+//! This module does not decide what happens after an attempt; it reports an
+//! [`AttemptOutcome`] and the scheduler takes it from there.
+
+pub mod bindings;
+pub mod plugin;
+pub mod sandbox;
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use wasmtime::component::{HasSelf, Linker};
+use wasmtime::{Engine, Store, Trap, UpdateDeadline};
+
+use crate::task::Task;
+use bindings::{Failure, Handler};
+pub use plugin::{Plugin, PluginSet};
+use sandbox::{AttemptLabel, AttemptSignals, AttemptState};
+
+/// How often the epoch advances: the precision of deadlines, and how often a running guest
+/// yields to other tasks.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// The limits every instance runs under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxLimits {
+    /// Wall-clock time one attempt may take.
+    pub exec_timeout: Duration,
+    /// Fuel (roughly, WebAssembly instructions) one attempt may burn; `None` for no budget.
+    pub fuel: Option<u64>,
+    /// Bytes of linear memory one instance may have, all its memories together.
+    pub memory_bytes: usize,
+}
+
+impl Default for SandboxLimits {
+    fn default() -> Self {
+        SandboxLimits {
+            exec_timeout: Duration::from_secs(60),
+            fuel: None,
+            memory_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// Why the host stopped an instance from the outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Interrupt {
+    /// The attempt ran past its deadline.
+    Timeout(Duration),
+    /// The host asked the attempt to stop.
+    Cancelled,
+}
+
+impl fmt::Display for Interrupt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Interrupt::Timeout(limit) => write!(f, "timed out after {limit:?} (exec_timeout)"),
+            Interrupt::Cancelled => f.write_str("canceled while running"),
+        }
+    }
+}
+
+impl std::error::Error for Interrupt {}
+
+/// Why an attempt ended without a result because of the sandbox; each is a stable name used
+/// in task errors and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrapReason {
+    /// Past `exec_timeout`.
+    Timeout,
+    /// Used up its fuel budget.
+    OutOfFuel,
+    /// Tried to grow its memory past the cap.
+    MemoryLimit,
+    /// Exhausted the WebAssembly stack.
+    StackOverflow,
+    /// The guest panicked or aborted (`unreachable`).
+    GuestPanic,
+    /// The host stopped it on request.
+    Canceled,
+    /// Any other trap or instantiation error.
+    Trap,
+}
+
+impl TrapReason {
+    /// The reason's stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrapReason::Timeout => "timeout",
+            TrapReason::OutOfFuel => "out_of_fuel",
+            TrapReason::MemoryLimit => "memory_limit",
+            TrapReason::StackOverflow => "stack_overflow",
+            TrapReason::GuestPanic => "guest_panic",
+            TrapReason::Canceled => "canceled",
+            TrapReason::Trap => "trap",
+        }
+    }
+}
+
+/// How one attempt ended.
+#[derive(Debug, Clone)]
+pub enum AttemptOutcome {
+    /// The handler returned a result (JSON text).
+    Completed(String),
+    /// The handler returned a failure.
+    Failed(Failure),
+    /// The sandbox stopped the instance, or it could not be started.
+    Trapped {
+        /// Why, as a stable name.
+        reason: TrapReason,
+        /// What happened, for the task's error.
+        message: String,
+    },
+}
+
+/// Advances the engine's epoch on its own OS thread until dropped.
+///
+/// A thread, not an async task: a guest that never yields would hold an async worker, and a
+/// ticker on the same runtime could then never fire.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("rebound-epoch".into())
+            .spawn(move || {
+                while !stop_flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .context("cannot start the epoch ticker thread")?;
+        Ok(EpochTicker {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The engine, the linker with the host imports, and the limits; shared by all plugins.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<AttemptState>,
+    limits: SandboxLimits,
+    _ticker: EpochTicker,
+}
+
+impl Runtime {
+    /// Builds the engine and starts its epoch ticker.
+    pub fn new(limits: SandboxLimits) -> anyhow::Result<Self> {
+        let mut config = wasmtime::Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        config.consume_fuel(limits.fuel.is_some());
+        let engine = Engine::new(&config)
+            .map_err(anyhow::Error::from)
+            .context("cannot create the WebAssembly engine")?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(anyhow::Error::from)
+            .context("cannot link WASI into the sandbox")?;
+        Handler::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
+            .map_err(anyhow::Error::from)
+            .context("cannot link the host imports")?;
+
+        let ticker = EpochTicker::start(engine.clone())?;
+        Ok(Runtime {
+            engine,
+            linker,
+            limits,
+            _ticker: ticker,
+        })
+    }
+
+    /// The engine plugins are compiled for.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The linker that holds WASI and the host imports.
+    pub fn linker(&self) -> &Linker<AttemptState> {
+        &self.linker
+    }
+
+    /// The limits every attempt runs under.
+    pub fn limits(&self) -> &SandboxLimits {
+        &self.limits
+    }
+
+    /// Runs `handle` for one attempt of `task` in a fresh instance of `plugin`.
+    pub async fn run_attempt(
+        &self,
+        plugin: &Plugin,
+        task: &Task,
+        signals: &AttemptSignals,
+    ) -> AttemptOutcome {
+        let mut store = self.new_store(task, signals.clone());
+        let wit_task = wit_task(task, plugin.max_attempts(task));
+        let started = Instant::now();
+
+        let result = async {
+            let handler = plugin.pre().instantiate_async(&mut store).await?;
+            handler.call_handle(&mut store, &wit_task).await
+        }
+        .await;
+        store.data().flush_output();
+
+        match result {
+            Ok(Ok(output)) => match serde_json::from_str::<serde::de::IgnoredAny>(&output) {
+                Ok(_) => AttemptOutcome::Completed(output),
+                Err(err) => AttemptOutcome::Failed(Failure::Fatal(format!(
+                    "plugin `{}` returned output that is not JSON: {err}",
+                    plugin.name()
+                ))),
+            },
+            Ok(Err(failure)) => AttemptOutcome::Failed(failure),
+            Err(err) => {
+                let (reason, message) = classify_trap(&err, started.elapsed());
+                AttemptOutcome::Trapped { reason, message }
+            }
+        }
+    }
+
+    /// Runs the plugin's `on-exhausted` hook for `task`, whose last error was `error`, in a
+    /// fresh instance under the same limits as an attempt.
+    pub async fn run_exhausted_hook(
+        &self,
+        plugin: &Plugin,
+        task: &Task,
+        error: &str,
+    ) -> Result<(), String> {
+        let signals = AttemptSignals::new(task.progress);
+        let mut store = self.new_store(task, signals);
+        let wit_task = wit_task(task, plugin.max_attempts(task));
+        let started = Instant::now();
+
+        let result = async {
+            let handler = plugin.pre().instantiate_async(&mut store).await?;
+            handler
+                .call_on_exhausted(&mut store, &wit_task, error)
+                .await
+        }
+        .await;
+        store.data().flush_output();
+        result.map_err(|err| classify_trap(&err, started.elapsed()).1)
+    }
+
+    /// A store for one instance: limits, fuel, and the epoch callback that enforces the
+    /// deadline and cancellation while yielding at every tick.
+    fn new_store(&self, task: &Task, signals: AttemptSignals) -> Store<AttemptState> {
+        let label = AttemptLabel {
+            task_id: task.id.clone(),
+            queue: task.queue.clone(),
+            attempt: task.attempt,
+        };
+        let state = AttemptState::new(label, signals, self.limits.memory_bytes);
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limits);
+        if let Some(fuel) = self.limits.fuel {
+            store
+                .set_fuel(fuel)
+                .expect("fuel is enabled on the engine whenever a budget is set");
+        }
+
+        let timeout = self.limits.exec_timeout;
+        let deadline = Instant::now() + timeout;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |ctx| {
+            if ctx.data().signals().is_cancelled() {
+                return Err(wasmtime::Error::new(Interrupt::Cancelled));
+            }
+            if Instant::now() >= deadline {
+                return Err(wasmtime::Error::new(Interrupt::Timeout(timeout)));
+            }
+            Ok(UpdateDeadline::Yield(1))
+        });
+        store
+    }
+}
+
+/// The task as the plugin sees it.
+fn wit_task(task: &Task, max_attempts: u32) -> bindings::Task {
+    bindings::Task {
+        id: task.id.clone(),
+        queue: task.queue.clone(),
+        params: task.params.clone(),
+        attempt: task.attempt,
+        max_attempts,
+        gpu: None,
+        progress: task.progress,
+    }
+}
+
+/// Names why an instance stopped, from the error wasmtime returned.
+fn classify_trap(err: &wasmtime::Error, elapsed: Duration) -> (TrapReason, String) {
+    if let Some(interrupt) = err.downcast_ref::<Interrupt>() {
+        let reason = match interrupt {
+            Interrupt::Timeout(_) => TrapReason::Timeout,
+            Interrupt::Cancelled => TrapReason::Canceled,
+        };
+        return (reason, interrupt.to_string());
+    }
+    if let Some(trap) = err.downcast_ref::<Trap>() {
+        let reason = match trap {
+            Trap::OutOfFuel => TrapReason::OutOfFuel,
+            Trap::StackOverflow => TrapReason::StackOverflow,
+            Trap::UnreachableCodeReached => TrapReason::GuestPanic,
+            _ => TrapReason::Trap,
+        };
+        let what = match reason {
+            TrapReason::OutOfFuel => "ran out of fuel".to_owned(),
+            TrapReason::StackOverflow => "overflowed its stack".to_owned(),
+            TrapReason::GuestPanic => "panicked (wasm `unreachable`)".to_owned(),
+            _ => format!("trapped: {trap}"),
+        };
+        return (reason, format!("{what} after {elapsed:?}"));
+    }
+    // With trap-on-grow-failure, a memory cap violation is an error whose root cause names
+    // the failed grow rather than a `Trap` variant.
+    let chain = format!("{err:#}");
+    if chain.contains("memory") && (chain.contains("grow") || chain.contains("limit")) {
+        return (
+            TrapReason::MemoryLimit,
+            format!("went over its memory limit: {chain}"),
+        );
+    }
+    (TrapReason::Trap, format!("failed: {chain}"))
+}

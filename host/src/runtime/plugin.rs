@@ -1,0 +1,158 @@
+//! Handler plugins: components loaded from a plugin directory, compiled and pre-linked once.
+//!
+//! `DIR/NAME.wasm` becomes the plugin `NAME`, which serves the queue `NAME`. A file that is
+//! not a component of the `rebound:plugin/handler` world is refused with an error naming the
+//! file, and the other plugins load regardless.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, anyhow};
+use wasmtime::component::Component;
+
+use super::Runtime;
+use super::bindings::HandlerPre;
+use super::sandbox::AttemptState;
+use crate::backoff::RetryPolicy;
+use crate::task::{Task, validate_queue_name};
+
+/// A loaded plugin, ready to instantiate.
+pub struct Plugin {
+    name: String,
+    path: PathBuf,
+    pre: HandlerPre<AttemptState>,
+    retry: RetryPolicy,
+}
+
+impl Plugin {
+    /// Compiles the component at `path` and links it against the host's imports. The plugin
+    /// is named after the file; `retry` is its queue's policy for tasks that bring none.
+    pub fn load(runtime: &Runtime, path: &Path, retry: RetryPolicy) -> anyhow::Result<Self> {
+        let name = plugin_name(path)?;
+        let component = Component::from_file(runtime.engine(), path)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("plugin {}: not a loadable component", path.display()))?;
+        let instance_pre = runtime
+            .linker()
+            .instantiate_pre(&component)
+            .map_err(anyhow::Error::from)
+            .with_context(|| {
+                format!(
+                    "plugin {}: imports something the host does not provide",
+                    path.display()
+                )
+            })?;
+        let pre = HandlerPre::new(instance_pre)
+            .map_err(anyhow::Error::from)
+            .with_context(|| {
+                format!(
+                    "plugin {}: does not implement the world rebound:plugin/handler@0.1.0",
+                    path.display()
+                )
+            })?;
+        Ok(Plugin {
+            name,
+            path: path.to_owned(),
+            pre,
+            retry,
+        })
+    }
+
+    /// The plugin's name, which is also the queue it serves.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The file it was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The retry policy that applies to `task`: its own, or the queue's.
+    pub fn policy_for<'a>(&'a self, task: &'a Task) -> &'a RetryPolicy {
+        task.retry.as_ref().unwrap_or(&self.retry)
+    }
+
+    /// The most attempts `task` may get.
+    pub fn max_attempts(&self, task: &Task) -> u32 {
+        self.policy_for(task).max_attempts()
+    }
+
+    pub(super) fn pre(&self) -> &HandlerPre<AttemptState> {
+        &self.pre
+    }
+}
+
+/// The plugin name for a `NAME.wasm` path, checked to be a valid queue name.
+fn plugin_name(path: &Path) -> anyhow::Result<String> {
+    let stem = path
+        .file_stem()
+        .and_then(|stem| stem.to_str())
+        .ok_or_else(|| anyhow!("plugin {}: file name is not UTF-8", path.display()))?;
+    validate_queue_name(stem).map_err(|err| anyhow!("plugin {}: {err}", path.display()))?;
+    Ok(stem.to_owned())
+}
+
+/// The plugins loaded from one directory, by name.
+#[derive(Default, Clone)]
+pub struct PluginSet {
+    plugins: BTreeMap<String, Arc<Plugin>>,
+}
+
+impl PluginSet {
+    /// Loads every `*.wasm` file in `dir`. Returns the plugins that loaded and, separately,
+    /// an error for each file that did not; only an unreadable directory is an error.
+    pub fn load_dir(
+        runtime: &Runtime,
+        dir: &Path,
+        retry: &RetryPolicy,
+    ) -> anyhow::Result<(PluginSet, Vec<anyhow::Error>)> {
+        let entries = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot read the plugin directory {}", dir.display()))?;
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+            .filter(|path| path.extension().is_some_and(|ext| ext == "wasm"))
+            .collect();
+        paths.sort();
+
+        let mut set = PluginSet::default();
+        let mut errors = Vec::new();
+        for path in paths {
+            match Plugin::load(runtime, &path, retry.clone()) {
+                Ok(plugin) => {
+                    set.plugins
+                        .insert(plugin.name().to_owned(), Arc::new(plugin));
+                }
+                Err(err) => errors.push(err),
+            }
+        }
+        Ok((set, errors))
+    }
+
+    /// Adds (or replaces) one plugin.
+    pub fn insert(&mut self, plugin: Plugin) {
+        self.plugins
+            .insert(plugin.name().to_owned(), Arc::new(plugin));
+    }
+
+    /// The plugin serving `queue`.
+    pub fn get(&self, queue: &str) -> Option<&Arc<Plugin>> {
+        self.plugins.get(queue)
+    }
+
+    /// All plugins, by name.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Plugin>> {
+        self.plugins.values()
+    }
+
+    /// How many plugins there are.
+    pub fn len(&self) -> usize {
+        self.plugins.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.plugins.is_empty()
+    }
+}
