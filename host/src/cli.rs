@@ -1,0 +1,445 @@
+//! The `rebound` command: run a host, and submit and inspect tasks.
+//!
+//! Every command works on the store directly, so none but `run` needs a running host. Without
+//! `--redis` (or `REBOUND_REDIS_URL`) all commands use the embedded store at one default path
+//! (`--data`, `REBOUND_DATA`, or `$XDG_DATA_HOME/rebound/tasks.db`, falling back to
+//! `~/.local/share/rebound/tasks.db`).
+
+// Printing to stdout is what a command-line interface is for.
+#![allow(clippy::print_stdout)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use crate::backoff::{RetryPolicy, Strategy};
+use crate::config::HostConfig;
+use crate::runtime::{PluginSet, Runtime};
+use crate::scheduler::Scheduler;
+use crate::store::embedded::EmbeddedStore;
+use crate::store::redis::RedisStore;
+use crate::store::{SharedStore, StoreError};
+use crate::task::{NewTask, StateCounts, Task, TaskState};
+
+/// Runs background tasks with retry and backoff in sandboxed WebAssembly plugins.
+#[derive(Debug, Parser)]
+#[command(name = "rebound", version, about)]
+pub struct Cli {
+    #[command(flatten)]
+    store: StoreArgs,
+
+    /// Log format on stderr. The level comes from RUST_LOG (default `info`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where tasks are stored; shared by every command.
+#[derive(Debug, Args)]
+struct StoreArgs {
+    /// Redis URL (`redis://[:password@]host:port[/db]`); without it, the embedded store.
+    #[arg(long, global = true, env = "REBOUND_REDIS_URL")]
+    redis: Option<String>,
+
+    /// The embedded store's file, when no Redis URL is given.
+    #[arg(long, global = true, env = "REBOUND_DATA")]
+    data: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a host: load the plugins in a directory and run their queues' tasks until Ctrl-C.
+    Run(RunArgs),
+    /// Submit a task to a queue.
+    Submit(SubmitArgs),
+    /// Show one task.
+    Get {
+        /// The task's id.
+        id: String,
+        /// Print the task as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show how many tasks each queue has in each state.
+    Stats {
+        /// Print the counts as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Directory of plugins: `NAME.wasm` serves the queue `NAME`.
+    #[arg(long)]
+    plugins: PathBuf,
+    /// Attempts running at once, per queue.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Most tasks claimed per round trip to the store.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// How long an idle queue waits before polling the store again, in ms.
+    #[arg(long, default_value_t = 50)]
+    poll_ms: u64,
+    /// Wall-clock limit of one attempt, in ms.
+    #[arg(long, default_value_t = 60_000)]
+    exec_timeout_ms: u64,
+    /// Fuel budget of one attempt (about one unit per WebAssembly instruction); no budget
+    /// when unset.
+    #[arg(long)]
+    fuel: Option<u64>,
+    /// Memory cap of one instance, in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory_mb: usize,
+    /// How long running tasks may finish after Ctrl-C before they are interrupted, in ms.
+    #[arg(long, default_value_t = 30_000)]
+    shutdown_grace_ms: u64,
+    /// Retry policy for tasks submitted without one.
+    #[command(flatten)]
+    retry: RetryArgs,
+}
+
+#[derive(Debug, Args)]
+struct SubmitArgs {
+    /// The queue (the name of the plugin that runs the task).
+    queue: String,
+    /// Parameters, as JSON text.
+    #[arg(long, default_value = "{}")]
+    params: String,
+    /// The task's id; a UUIDv7 is generated when absent.
+    #[arg(long)]
+    id: Option<String>,
+    /// Higher runs first (-1000 to 1000).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    priority: i32,
+    /// Wait this long before the task may run, in ms.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+    /// Retry policy for this task; the host's policy applies when no flag is given.
+    #[command(flatten)]
+    retry: RetryArgs,
+    /// Print the created task as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Retry policy flags; unset ones take the defaults of [`RetryPolicy`].
+#[derive(Debug, Args)]
+struct RetryArgs {
+    /// Retries after the first attempt [default: 3].
+    #[arg(long)]
+    max_retries: Option<u32>,
+    /// How the delay between attempts grows [default: exponential].
+    #[arg(long)]
+    backoff: Option<Strategy>,
+    /// Base delay between attempts, in ms [default: 1000].
+    #[arg(long)]
+    backoff_interval_ms: Option<u64>,
+    /// Growth factor of the exponential strategy [default: 2].
+    #[arg(long)]
+    backoff_multiplier: Option<f64>,
+    /// Longest delay between attempts, in ms [default: no cap].
+    #[arg(long)]
+    backoff_max_ms: Option<u64>,
+}
+
+impl RetryArgs {
+    fn is_empty(&self) -> bool {
+        self.max_retries.is_none()
+            && self.backoff.is_none()
+            && self.backoff_interval_ms.is_none()
+            && self.backoff_multiplier.is_none()
+            && self.backoff_max_ms.is_none()
+    }
+
+    fn policy(&self) -> RetryPolicy {
+        let defaults = RetryPolicy::default();
+        RetryPolicy {
+            backoff: self.backoff.unwrap_or(defaults.backoff),
+            backoff_interval_ms: self
+                .backoff_interval_ms
+                .unwrap_or(defaults.backoff_interval_ms),
+            backoff_multiplier: self
+                .backoff_multiplier
+                .unwrap_or(defaults.backoff_multiplier),
+            backoff_max_ms: self.backoff_max_ms.or(defaults.backoff_max_ms),
+            max_retry_count: self.max_retries.unwrap_or(defaults.max_retry_count),
+        }
+    }
+}
+
+/// Parses the command line, runs the command, and turns an error into a message and exit
+/// code 1 (2 for usage errors, from clap).
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second initialisation (in tests) is harmless: the first subscriber stays.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Runs one parsed command.
+pub async fn execute(cli: Cli) -> anyhow::Result<()> {
+    let store = open_store(&cli.store).await?;
+    match cli.command {
+        Command::Run(args) => run(store, args).await,
+        Command::Submit(args) => submit(store.as_ref(), args).await,
+        Command::Get { id, json } => get(store.as_ref(), &id, json).await,
+        Command::Stats { json } => stats(store.as_ref(), json).await,
+    }
+}
+
+async fn open_store(args: &StoreArgs) -> anyhow::Result<SharedStore> {
+    if let Some(url) = &args.redis {
+        let store = RedisStore::connect(url).await?;
+        return Ok(Arc::new(store));
+    }
+    let path = match &args.data {
+        Some(path) => path.clone(),
+        None => default_data_path()?,
+    };
+    let store = EmbeddedStore::open(&path)?;
+    Ok(Arc::new(store))
+}
+
+/// `$XDG_DATA_HOME/rebound/tasks.db`, or `~/.local/share/rebound/tasks.db`.
+fn default_data_path() -> anyhow::Result<PathBuf> {
+    let base = match std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let home = std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .context("neither --data, REBOUND_DATA, XDG_DATA_HOME nor HOME is set")?;
+            PathBuf::from(home).join(".local/share")
+        }
+    };
+    Ok(base.join("rebound").join("tasks.db"))
+}
+
+async fn run(store: SharedStore, args: RunArgs) -> anyhow::Result<()> {
+    let config = HostConfig {
+        limits: crate::runtime::SandboxLimits {
+            exec_timeout: Duration::from_millis(args.exec_timeout_ms),
+            fuel: args.fuel,
+            memory_bytes: args.memory_mb.saturating_mul(1024 * 1024),
+        },
+        retry: args.retry.policy(),
+        concurrency: args.concurrency,
+        batch_size: args.batch_size,
+        poll_interval: Duration::from_millis(args.poll_ms),
+        shutdown_grace: Duration::from_millis(args.shutdown_grace_ms),
+        ..HostConfig::default()
+    };
+    if let Err(err) = config.validate() {
+        bail!("invalid setting: {err}");
+    }
+
+    let runtime = Arc::new(Runtime::new(config.limits.clone())?);
+    let (plugins, errors) = {
+        let runtime = runtime.clone();
+        let dir = args.plugins.clone();
+        let retry = config.retry.clone();
+        // Compiling components is CPU work that would stall the async runtime.
+        tokio::task::spawn_blocking(move || PluginSet::load_dir(&runtime, &dir, &retry))
+            .await
+            .context("plugin loading panicked")??
+    };
+    for err in &errors {
+        tracing::error!("{err:#}");
+    }
+    for plugin in plugins.iter() {
+        tracing::info!(plugin = plugin.name(), path = %plugin.path().display(), "plugin loaded");
+    }
+    if plugins.is_empty() {
+        bail!(
+            "no plugin could be loaded from {} (expected NAME.wasm components)",
+            args.plugins.display()
+        );
+    }
+
+    let host_id = format!("{}-{}", hostname(), std::process::id());
+    let scheduler = Scheduler::new(store, runtime, plugins, config, host_id);
+    scheduler.run(shutdown_signal()).await;
+    Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "host".to_owned())
+}
+
+async fn submit(store: &dyn crate::store::Store, args: SubmitArgs) -> anyhow::Result<()> {
+    let retry = (!args.retry.is_empty()).then(|| args.retry.policy());
+    let task = NewTask {
+        queue: args.queue,
+        id: args.id,
+        params: args.params,
+        priority: args.priority,
+        delay_ms: args.delay_ms,
+        retry,
+    };
+    let task = store.create(task).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&task)?);
+    } else {
+        println!("{}", task.id);
+    }
+    Ok(())
+}
+
+async fn get(store: &dyn crate::store::Store, id: &str, json: bool) -> anyhow::Result<()> {
+    let task = store
+        .get(id)
+        .await?
+        .ok_or_else(|| StoreError::NotFound { id: id.to_owned() })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&task)?);
+    } else {
+        print!("{}", describe(&task));
+    }
+    Ok(())
+}
+
+/// The human-readable form of a task, one field a line.
+fn describe(task: &Task) -> String {
+    let mut out = String::new();
+    let mut line = |name: &str, value: &str| {
+        out.push_str(&format!("{name:<10} {value}\n"));
+    };
+    line("id", &task.id);
+    line("queue", &task.queue);
+    line("state", task.state.as_str());
+    let attempts = match &task.retry {
+        Some(policy) => format!("{} of {}", task.attempt, policy.max_attempts()),
+        None => task.attempt.to_string(),
+    };
+    line("attempts", &attempts);
+    line("priority", &task.priority.to_string());
+    line("progress", &format!("{}%", task.progress));
+    line("params", &task.params);
+    line("created", &timestamp(task.created_ms));
+    if matches!(task.state, TaskState::Pending | TaskState::Retrying) {
+        line("runs at", &timestamp(task.run_at_ms));
+    }
+    if let Some(ms) = task.finished_ms {
+        line("finished", &timestamp(ms));
+    }
+    if let Some(result) = &task.result {
+        line("result", result);
+    }
+    if let Some(error) = &task.last_error {
+        line("error", error);
+    }
+    if task.exhausted_hook_runs > 0 {
+        line(
+            "exhausted",
+            &format!("hook ran {} time(s)", task.exhausted_hook_runs),
+        );
+    }
+    out
+}
+
+fn timestamp(ms: u64) -> String {
+    let time = UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+async fn stats(store: &dyn crate::store::Store, json: bool) -> anyhow::Result<()> {
+    let mut rows: Vec<(String, StateCounts)> = Vec::new();
+    for queue in store.queues().await? {
+        let counts = store.counts(&queue).await?;
+        rows.push((queue, counts));
+    }
+    if json {
+        let map: serde_json::Map<String, serde_json::Value> = rows
+            .into_iter()
+            .map(|(queue, counts)| (queue, serde_json::json!(counts)))
+            .collect();
+        println!("{}", serde_json::Value::Object(map));
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("no queues yet");
+        return Ok(());
+    }
+    let mut header = format!("{:<20}", "queue");
+    for state in TaskState::ALL {
+        header.push_str(&format!(" {:>10}", state.as_str()));
+    }
+    println!("{header}");
+    for (queue, counts) in rows {
+        let mut row = format!("{queue:<20}");
+        for state in TaskState::ALL {
+            row.push_str(&format!(" {:>10}", counts.get(state)));
+        }
+        println!("{row}");
+    }
+    Ok(())
+}

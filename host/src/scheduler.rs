@@ -1,0 +1,374 @@
+//! Claims tasks for each queue that has a plugin, runs them, and records how they ended.
+//!
+//! One worker per queue holds a semaphore of `concurrency` slots. It claims only as many
+//! tasks as it has free slots (at most `batch_size` per round trip), and each claimed task
+//! runs as its own async task that owns its slot: the slot is released when that task ends,
+//! whatever the path, so a slow task holds one slot and never a whole batch. An idle worker
+//! asks the store again after `poll_interval`.
+//!
+//! After an attempt, the worker applies the task's retry policy: a retry request or a trap
+//! becomes `retrying` with the policy's delay (or the handler's own); on the last attempt it
+//! runs the plugin's `on-exhausted` hook and fails the task; a fatal failure fails it at once.
+//!
+//! Shutdown: the worker stops claiming, lets running attempts finish within
+//! `shutdown_grace`, then interrupts the rest. An interrupted attempt is recorded as a failed
+//! attempt that is retried at once while it has retries left.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::config::HostConfig;
+use crate::runtime::bindings::Failure;
+use crate::runtime::sandbox::AttemptSignals;
+use crate::runtime::{AttemptOutcome, Plugin, PluginSet, Runtime, TrapReason};
+use crate::store::{AttemptRef, FailedAttempt, NextStep, SharedStore, StoreError};
+use crate::task::Task;
+
+/// How often a running attempt's progress is written to the store, when it changed.
+const PROGRESS_FLUSH: Duration = Duration::from_millis(500);
+/// How many times a store write that failed is tried again before the host gives up on it.
+const REPORT_TRIES: u32 = 8;
+
+/// Runs the tasks of every queue that has a plugin.
+pub struct Scheduler {
+    store: SharedStore,
+    runtime: Arc<Runtime>,
+    plugins: PluginSet,
+    config: HostConfig,
+    host_id: String,
+}
+
+impl Scheduler {
+    /// A scheduler for `plugins` on `store`. `host_id` names this host in leases and logs.
+    pub fn new(
+        store: SharedStore,
+        runtime: Arc<Runtime>,
+        plugins: PluginSet,
+        config: HostConfig,
+        host_id: String,
+    ) -> Self {
+        Scheduler {
+            store,
+            runtime,
+            plugins,
+            config,
+            host_id,
+        }
+    }
+
+    /// Runs until `shutdown` completes, then shuts down as described in the module docs.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut workers = JoinSet::new();
+        for plugin in self.plugins.iter() {
+            let worker = QueueWorker {
+                store: self.store.clone(),
+                runtime: self.runtime.clone(),
+                plugin: plugin.clone(),
+                config: self.config.clone(),
+                host_id: self.host_id.clone(),
+                slots: Arc::new(Semaphore::new(self.config.concurrency)),
+                running: Arc::default(),
+            };
+            workers.spawn(worker.run(stop_rx.clone()));
+        }
+        info!(host = %self.host_id, queues = self.plugins.len(), "host started");
+
+        shutdown.await;
+        info!(
+            grace = ?self.config.shutdown_grace,
+            "shutting down: no new claims, waiting for running tasks"
+        );
+        let _ = stop_tx.send(true);
+        while workers.join_next().await.is_some() {}
+        info!("host stopped");
+    }
+}
+
+/// The attempts one worker is running, so that shutdown can interrupt them.
+type RunningAttempts = Arc<Mutex<HashMap<String, AttemptSignals>>>;
+
+/// Claims and runs the tasks of one queue.
+struct QueueWorker {
+    store: SharedStore,
+    runtime: Arc<Runtime>,
+    plugin: Arc<Plugin>,
+    config: HostConfig,
+    host_id: String,
+    slots: Arc<Semaphore>,
+    running: RunningAttempts,
+}
+
+impl QueueWorker {
+    async fn run(self, mut stop: watch::Receiver<bool>) {
+        let queue = self.plugin.name().to_owned();
+        let mut attempts = JoinSet::new();
+        let mut claim_errors = 0u32;
+
+        while !*stop.borrow() {
+            // Wait for a free slot first, so nothing is claimed that cannot start at once.
+            let first = tokio::select! {
+                permit = self.slots.clone().acquire_owned() => permit.expect("never closed"),
+                _ = stop.changed() => break,
+            };
+            let mut slots = vec![first];
+            while slots.len() < self.config.batch_size {
+                match self.slots.clone().try_acquire_owned() {
+                    Ok(permit) => slots.push(permit),
+                    Err(_) => break,
+                }
+            }
+
+            let claimed = match self.claim(&queue, slots.len()).await {
+                Ok(tasks) => {
+                    claim_errors = 0;
+                    tasks
+                }
+                Err(err) => {
+                    claim_errors += 1;
+                    // One line per streak of failures, plus one every minute or so of it.
+                    if claim_errors == 1 || claim_errors % 1200 == 0 {
+                        warn!(%queue, error = %err, failures = claim_errors, "claim failed");
+                    }
+                    Vec::new()
+                }
+            };
+            let idle = claimed.len() < slots.len();
+            for task in claimed {
+                let permit = slots.pop().expect("never claims more tasks than slots");
+                attempts.spawn(self.attempt(task, permit));
+            }
+            drop(slots);
+            while attempts.try_join_next().is_some() {}
+
+            if idle {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.config.poll_interval) => {}
+                    _ = stop.changed() => break,
+                }
+            }
+        }
+
+        self.drain(attempts).await;
+    }
+
+    async fn claim(&self, queue: &str, max: usize) -> Result<Vec<Task>, StoreError> {
+        self.store
+            .claim(queue, &self.host_id, max, self.config.lease())
+            .await
+    }
+
+    /// Waits for running attempts up to the grace period, then interrupts the rest and waits
+    /// for them to record how they ended.
+    async fn drain(&self, mut attempts: JoinSet<()>) {
+        let grace = self.config.shutdown_grace;
+        let all_done = async { while attempts.join_next().await.is_some() {} };
+        if tokio::time::timeout(grace, all_done).await.is_ok() {
+            return;
+        }
+        let running: Vec<AttemptSignals> = self
+            .running
+            .lock()
+            .expect("poisoned")
+            .values()
+            .cloned()
+            .collect();
+        warn!(
+            queue = self.plugin.name(),
+            tasks = running.len(),
+            "shutdown grace period over, interrupting running tasks"
+        );
+        for signals in running {
+            signals.cancel();
+        }
+        while attempts.join_next().await.is_some() {}
+    }
+
+    /// One attempt from start to recorded outcome, holding `_slot` throughout.
+    fn attempt(
+        &self,
+        task: Task,
+        _slot: OwnedSemaphorePermit,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let span =
+            info_span!("attempt", task_id = %task.id, queue = %task.queue, attempt = task.attempt);
+        let ctx = AttemptContext {
+            store: self.store.clone(),
+            runtime: self.runtime.clone(),
+            plugin: self.plugin.clone(),
+            running: self.running.clone(),
+        };
+        async move {
+            ctx.run(task).await;
+            drop(_slot);
+        }
+        .instrument(span)
+    }
+}
+
+/// What one attempt needs, detached from its worker so it can run as its own task.
+struct AttemptContext {
+    store: SharedStore,
+    runtime: Arc<Runtime>,
+    plugin: Arc<Plugin>,
+    running: RunningAttempts,
+}
+
+impl AttemptContext {
+    async fn run(self, task: Task) {
+        let attempt = AttemptRef::of(&task);
+        let signals = AttemptSignals::new(task.progress);
+        self.running
+            .lock()
+            .expect("poisoned")
+            .insert(task.id.clone(), signals.clone());
+        debug!("attempt started");
+
+        let outcome = self.execute(&task, &attempt, &signals).await;
+        self.record(&task, &attempt, outcome, signals.progress())
+            .await;
+
+        self.running.lock().expect("poisoned").remove(&task.id);
+    }
+
+    /// Runs the handler, writing progress to the store as it changes.
+    async fn execute(
+        &self,
+        task: &Task,
+        attempt: &AttemptRef,
+        signals: &AttemptSignals,
+    ) -> AttemptOutcome {
+        let run = self.runtime.run_attempt(&self.plugin, task, signals);
+        tokio::pin!(run);
+        let mut flush = tokio::time::interval(PROGRESS_FLUSH);
+        let mut flushed = task.progress;
+        loop {
+            tokio::select! {
+                outcome = &mut run => return outcome,
+                _ = flush.tick() => {
+                    let progress = signals.progress();
+                    if progress > flushed {
+                        flushed = progress;
+                        if let Err(err) = self.store.set_progress(attempt, progress).await {
+                            debug!(error = %err, "progress not stored");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Turns the outcome into a store transition, applying the retry policy.
+    async fn record(
+        &self,
+        task: &Task,
+        attempt: &AttemptRef,
+        outcome: AttemptOutcome,
+        progress: u8,
+    ) {
+        let (error, retry_in) = match outcome {
+            AttemptOutcome::Completed(output) => {
+                let done = with_retries("complete", || {
+                    self.store.complete(attempt, &output, progress)
+                })
+                .await;
+                match done {
+                    Ok(()) => info!("task completed"),
+                    Err(err) => report_lost(&err),
+                }
+                return;
+            }
+            AttemptOutcome::Failed(Failure::Fatal(message)) => {
+                let failure = FailedAttempt {
+                    error: message,
+                    next: NextStep::Fail,
+                    exhausted_hook_ran: false,
+                    progress,
+                };
+                return self.record_failure(attempt, &failure).await;
+            }
+            AttemptOutcome::Failed(Failure::Retry(message)) => {
+                let delay = self.plugin.policy_for(task).delay(task.attempt);
+                (message, delay)
+            }
+            AttemptOutcome::Failed(Failure::RetryAfter(after)) => {
+                (after.message, Duration::from_millis(after.delay_ms))
+            }
+            AttemptOutcome::Trapped { reason, message } => {
+                let delay = match reason {
+                    // Stopped by this host's shutdown: not the task's fault, so no wait.
+                    TrapReason::Canceled => Duration::ZERO,
+                    _ => self.plugin.policy_for(task).delay(task.attempt),
+                };
+                (format!("{}: {message}", reason.as_str()), delay)
+            }
+        };
+
+        let policy = self.plugin.policy_for(task);
+        let failure = if policy.allows_retry_after(task.attempt) {
+            FailedAttempt {
+                error,
+                next: NextStep::RetryIn(retry_in),
+                exhausted_hook_ran: false,
+                progress,
+            }
+        } else {
+            let hook = self.runtime.run_exhausted_hook(&self.plugin, task, &error);
+            if let Err(hook_error) = hook.await {
+                warn!(error = %hook_error, "on-exhausted hook failed");
+            }
+            FailedAttempt {
+                error,
+                next: NextStep::Fail,
+                exhausted_hook_ran: true,
+                progress,
+            }
+        };
+        self.record_failure(attempt, &failure).await;
+    }
+
+    async fn record_failure(&self, attempt: &AttemptRef, failure: &FailedAttempt) {
+        match with_retries("fail", || self.store.fail(attempt, failure)).await {
+            Ok(state) => info!(%state, error = %failure.error, "attempt failed"),
+            Err(err) => report_lost(&err),
+        }
+    }
+}
+
+/// Logs an outcome the store did not take.
+fn report_lost(err: &StoreError) {
+    match err {
+        StoreError::LeaseLost { .. } => warn!(error = %err, "outcome discarded"),
+        _ => error!(
+            error = %err,
+            "outcome not recorded; the task stays running until its lease expires"
+        ),
+    }
+}
+
+/// Runs a store write, trying again with a growing pause while the backend is unreachable
+/// (a Redis restart), for about 25 s in all. Other errors are returned at once.
+async fn with_retries<T, F, Fut>(transition: &str, mut write: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let mut pause = Duration::from_millis(100);
+    let mut tries = 1;
+    loop {
+        match write().await {
+            Err(StoreError::Backend { .. }) if tries < REPORT_TRIES => {
+                debug!(transition, tries, "store write failed, trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
+}
