@@ -94,7 +94,8 @@ impl RetryPolicy {
             Strategy::Fixed => interval,
             Strategy::Linear => interval.saturating_mul(u64::from(retry)),
             Strategy::Exponential => {
-                let factor = self.backoff_multiplier.powi((retry - 1) as i32);
+                let exponent = i32::try_from(retry - 1).unwrap_or(i32::MAX);
+                let factor = self.backoff_multiplier.powi(exponent);
                 let ms = interval as f64 * factor;
                 // `as` saturates for floats: infinity becomes u64::MAX.
                 ms as u64

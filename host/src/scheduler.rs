@@ -132,7 +132,7 @@ impl QueueWorker {
                 Err(err) => {
                     claim_errors += 1;
                     // One line per streak of failures, plus one every minute or so of it.
-                    if claim_errors == 1 || claim_errors % 1200 == 0 {
+                    if claim_errors == 1 || claim_errors.is_multiple_of(1200) {
                         warn!(%queue, error = %err, failures = claim_errors, "claim failed");
                     }
                     Vec::new()

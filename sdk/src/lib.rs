@@ -41,7 +41,7 @@ use serde_json::Value;
 
 /// Bindings generated from `wit/`; plugin authors never use them directly.
 #[doc(hidden)]
-#[allow(missing_docs, unsafe_code)]
+#[allow(missing_docs, unsafe_code, clippy::too_many_arguments)]
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",
