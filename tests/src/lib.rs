@@ -1,0 +1,319 @@
+//! Shared helpers for Rebound's integration tests: a private `redis-server` per test, the
+//! compiled example plugins, both stores, and a host running in the background.
+//!
+//! Every test that needs Redis starts its own server on a free port through
+//! [`RedisServer::start`] and stops it when the value is dropped; nothing here talks to a
+//! server it did not start.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rebound::config::HostConfig;
+use rebound::runtime::{Plugin, PluginSet, Runtime};
+use rebound::scheduler::Scheduler;
+use rebound::store::embedded::EmbeddedStore;
+use rebound::store::redis::RedisStore;
+use rebound::store::{SharedStore, Store};
+use rebound::task::{Task, TaskState};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The folder holding the compiled example plugins (`echo.wasm`, `flaky.wasm`, …), built by
+/// this crate's build script.
+pub fn plugin_build_dir() -> PathBuf {
+    PathBuf::from(env!("REBOUND_TEST_PLUGINS"))
+}
+
+/// The compiled plugin `name`.
+pub fn plugin_wasm(name: &str) -> PathBuf {
+    plugin_build_dir().join(format!("{name}.wasm"))
+}
+
+/// A fresh plugin directory holding copies of the named example plugins.
+pub fn plugin_dir(names: &[&str]) -> TempDir {
+    let dir = tempfile::tempdir().expect("cannot create a temporary directory");
+    for name in names {
+        let from = plugin_wasm(name);
+        std::fs::copy(&from, dir.path().join(format!("{name}.wasm")))
+            .unwrap_or_else(|err| panic!("cannot copy {}: {err}", from.display()));
+    }
+    dir
+}
+
+/// Sends test logs to the test harness's captured output; `RUST_LOG` sets the level.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+/// A `redis-server` process of this test's own, on a free loopback port, keeping nothing on
+/// disk. Killed when dropped.
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: TempDir,
+}
+
+impl RedisServer {
+    /// Starts a server and waits until it answers.
+    pub fn start() -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let dir = tempfile::tempdir()?;
+        let mut server = RedisServer {
+            child: None,
+            port,
+            dir,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    /// The URL to connect to.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port (after [`RedisServer::kill`]).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn()
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start redis-server (is it installed and on PATH?)")?;
+        self.child = Some(child);
+        wait_for_port(self.port, Duration::from_secs(10))
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Waits until something answers Redis's PING on `port`.
+fn wait_for_port(port: u16, limit: Duration) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let mut reply = [0u8; 7];
+            let answered =
+                conn.write_all(b"PING\r\n").is_ok() && conn.read_exact(&mut reply).is_ok();
+            if answered && &reply == b"+PONG\r\n" {
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("redis-server on port {port} did not answer within {limit:?}")
+}
+
+/// Which store a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A private `redis-server`.
+    Redis,
+    /// A SQLite file in a temporary directory.
+    Embedded,
+}
+
+/// A store of either kind, and what keeps it alive.
+pub struct TestStore {
+    /// The store.
+    pub store: SharedStore,
+    /// The Redis server behind a Redis store.
+    pub redis: Option<RedisServer>,
+    /// The directory of an embedded store's file.
+    pub dir: Option<TempDir>,
+}
+
+impl TestStore {
+    /// A fresh, empty store of the given kind.
+    pub async fn new(backend: Backend) -> anyhow::Result<Self> {
+        match backend {
+            Backend::Redis => {
+                let redis = RedisServer::start()?;
+                let store = RedisStore::connect(&redis.url()).await?;
+                Ok(TestStore {
+                    store: Arc::new(store),
+                    redis: Some(redis),
+                    dir: None,
+                })
+            }
+            Backend::Embedded => {
+                let dir = tempfile::tempdir()?;
+                let store = EmbeddedStore::open(&dir.path().join("tasks.db"))?;
+                Ok(TestStore {
+                    store: Arc::new(store),
+                    redis: None,
+                    dir: Some(dir),
+                })
+            }
+        }
+    }
+
+    /// A second, independent handle on the same tasks (another host's connection).
+    pub async fn reopen(&self) -> anyhow::Result<SharedStore> {
+        if let Some(redis) = &self.redis {
+            return Ok(Arc::new(RedisStore::connect(&redis.url()).await?));
+        }
+        let dir = self
+            .dir
+            .as_ref()
+            .expect("an embedded store has a directory");
+        Ok(Arc::new(EmbeddedStore::open(&dir.path().join("tasks.db"))?))
+    }
+}
+
+/// Settings for test hosts: quick polling and short backoffs.
+pub fn test_config() -> HostConfig {
+    HostConfig {
+        poll_interval: Duration::from_millis(10),
+        shutdown_grace: Duration::from_secs(5),
+        ..HostConfig::default()
+    }
+}
+
+/// A host running in the background of a test.
+pub struct TestHost {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+    _plugins: TempDir,
+}
+
+impl TestHost {
+    /// Starts a host serving the named example plugins from `store`.
+    pub fn start(store: SharedStore, plugins: &[&str], config: HostConfig) -> Self {
+        let dir = plugin_dir(plugins);
+        let runtime = Arc::new(Runtime::new(config.limits.clone()).expect("engine starts"));
+        let mut set = PluginSet::default();
+        for name in plugins {
+            let path = dir.path().join(format!("{name}.wasm"));
+            let plugin = Plugin::load(&runtime, &path, config.retry.clone())
+                .unwrap_or_else(|err| panic!("plugin {name} loads: {err:#}"));
+            set.insert(plugin);
+        }
+        // Distinct names, so leases tell hosts of one test apart.
+        static HOSTS: AtomicUsize = AtomicUsize::new(0);
+        let host_id = format!("test-host-{}", HOSTS.fetch_add(1, Ordering::Relaxed));
+        let scheduler = Scheduler::new(store, runtime, set, config, host_id);
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(scheduler.run(async {
+            let _ = stopped.await;
+        }));
+        TestHost {
+            stop: Some(stop),
+            task: Some(task),
+            _plugins: dir,
+        }
+    }
+
+    /// Asks the host to shut down and waits until it has.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("the host does not panic");
+        }
+    }
+}
+
+/// Waits until task `id` satisfies `done`, failing after `limit` with the task as last seen.
+pub async fn wait_for(
+    store: &dyn Store,
+    id: &str,
+    limit: Duration,
+    done: impl Fn(&Task) -> bool,
+) -> anyhow::Result<Task> {
+    let started = Instant::now();
+    loop {
+        let task = store.get(id).await?;
+        if let Some(task) = task.as_ref().filter(|task| done(task)) {
+            return Ok(task.clone());
+        }
+        if started.elapsed() > limit {
+            bail!("task {id} not as awaited after {limit:?}; last seen: {task:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until task `id` is in `state`.
+pub async fn wait_for_state(
+    store: &dyn Store,
+    id: &str,
+    state: TaskState,
+    limit: Duration,
+) -> anyhow::Result<Task> {
+    wait_for(store, id, limit, |task| task.state == state).await
+}
+
+/// Waits until task `id` reaches a final state.
+pub async fn wait_until_final(
+    store: &dyn Store,
+    id: &str,
+    limit: Duration,
+) -> anyhow::Result<Task> {
+    wait_for(store, id, limit, |task| task.state.is_final()).await
+}
+
+/// Turns each named `async fn case(backend: Backend)` of the calling test file into two
+/// tests, `redis::case` and `embedded::case`, so every case runs on both stores.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($case:ident),* $(,)?) => {
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    $crate::init_logging();
+                    super::$case($crate::Backend::Redis).await;
+                }
+            )*
+        }
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    $crate::init_logging();
+                    super::$case($crate::Backend::Embedded).await;
+                }
+            )*
+        }
+    };
+}

@@ -1,0 +1,271 @@
+//! Tasks through their whole life on a real host: real compiled plugins, a real store. Every
+//! case runs twice, once on a private `redis-server` and once on the embedded store.
+
+use std::time::Duration;
+
+use rebound::backoff::{RetryPolicy, Strategy};
+use rebound::runtime::SandboxLimits;
+use rebound::task::{NewTask, TaskState};
+use rebound_tests::{Backend, TestHost, TestStore, test_config, wait_for_state, wait_until_final};
+use serde_json::{Value, json};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn fixed(interval_ms: u64, max_retry_count: u32) -> RetryPolicy {
+    RetryPolicy {
+        backoff: Strategy::Fixed,
+        backoff_interval_ms: interval_ms,
+        max_retry_count,
+        ..RetryPolicy::default()
+    }
+}
+
+fn task(queue: &str, params: Value, retry: Option<RetryPolicy>) -> NewTask {
+    NewTask {
+        retry,
+        ..NewTask::new(queue, params.to_string())
+    }
+}
+
+async fn echo_completes_with_its_params(backend: Backend) {
+    let store = TestStore::new(backend).await.unwrap();
+    let host = TestHost::start(store.store.clone(), &["echo"], test_config());
+
+    let params = json!({"text": "hello", "n": [1, 2, 3]});
+    let created = store
+        .store
+        .create(task("echo", params.clone(), None))
+        .await
+        .unwrap();
+    let done = wait_until_final(store.store.as_ref(), &created.id, LIMIT)
+        .await
+        .unwrap();
+
+    assert_eq!(done.state, TaskState::Completed);
+    assert_eq!(done.attempt, 1);
+    let result: Value = serde_json::from_str(done.result.as_deref().unwrap()).unwrap();
+    assert_eq!(result, params);
+    assert!(done.lease.is_none(), "a finished task holds no lease");
+    host.shutdown().await;
+}
+
+async fn flaky_retries_with_fixed_backoff_then_completes(backend: Backend) {
+    let store = TestStore::new(backend).await.unwrap();
+    let host = TestHost::start(store.store.clone(), &["flaky"], test_config());
+
+    let created = store
+        .store
+        .create(task("flaky", json!({"succeed_at": 3}), Some(fixed(100, 5))))
+        .await
+        .unwrap();
+
+    // Watch the task and note when each attempt starts.
+    let mut starts: Vec<(u32, u64)> = Vec::new();
+    let done = loop {
+        let seen = store.store.get(&created.id).await.unwrap().unwrap();
+        let new_attempt = starts.last().map(|(attempt, _)| *attempt) != Some(seen.attempt);
+        if let Some(started) = seen.started_ms.filter(|_| new_attempt) {
+            starts.push((seen.attempt, started));
+        }
+        if seen.state.is_final() {
+            break seen;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+
+    assert_eq!(done.state, TaskState::Completed, "{done:#?}");
+    assert_eq!(done.attempt, 3);
+    assert_eq!(done.errors.len(), 2, "two failed attempts before success");
+    let attempts: Vec<u32> = starts.iter().map(|(attempt, _)| *attempt).collect();
+    assert_eq!(attempts, [1, 2, 3], "every attempt was seen starting");
+    for pair in starts.windows(2) {
+        let gap = pair[1].1 - pair[0].1;
+        assert!(
+            gap >= 100,
+            "attempts {pair:?} are {gap} ms apart, less than the backoff"
+        );
+    }
+    host.shutdown().await;
+}
+
+async fn exhausted_retries_fail_and_run_the_hook_once(backend: Backend) {
+    let store = TestStore::new(backend).await.unwrap();
+    let host = TestHost::start(store.store.clone(), &["flaky"], test_config());
+
+    let created = store
+        .store
+        .create(task("flaky", json!({"succeed_at": 10}), Some(fixed(10, 2))))
+        .await
+        .unwrap();
+    let done = wait_until_final(store.store.as_ref(), &created.id, LIMIT)
+        .await
+        .unwrap();
+
+    assert_eq!(done.state, TaskState::Failed);
+    assert_eq!(
+        done.attempt, 3,
+        "max_retry_count 2 means exactly 3 attempts"
+    );
+    assert_eq!(done.exhausted_hook_runs, 1);
+    assert!(
+        done.last_error
+            .as_deref()
+            .unwrap()
+            .contains("attempt 3 of 3"),
+        "{:?}",
+        done.last_error
+    );
+    host.shutdown().await;
+}
+
+async fn fatal_failure_is_not_retried(backend: Backend) {
+    let store = TestStore::new(backend).await.unwrap();
+    let host = TestHost::start(store.store.clone(), &["flaky"], test_config());
+
+    let created = store
+        .store
+        .create(task("flaky", json!({"fatal": true}), Some(fixed(10, 5))))
+        .await
+        .unwrap();
+    let done = wait_until_final(store.store.as_ref(), &created.id, LIMIT)
+        .await
+        .unwrap();
+
+    assert_eq!(done.state, TaskState::Failed);
+    assert_eq!(done.attempt, 1);
+    assert_eq!(
+        done.exhausted_hook_runs, 0,
+        "a fatal failure is not exhaustion"
+    );
+    assert_eq!(done.last_error.as_deref(), Some("asked to fail fatally"));
+    host.shutdown().await;
+}
+
+async fn retry_after_waits_the_handlers_delay(backend: Backend) {
+    let store = TestStore::new(backend).await.unwrap();
+    let host = TestHost::start(store.store.clone(), &["flaky"], test_config());
+
+    // The policy says 10 ms; the handler asks for 400 ms, which must win.
+    let params = json!({"succeed_at": 2, "retry_after_ms": 400});
+    let created = store
+        .store
+        .create(task("flaky", params, Some(fixed(10, 3))))
+        .await
+        .unwrap();
+    let retrying = wait_for_state(
+        store.store.as_ref(),
+        &created.id,
+        TaskState::Retrying,
+        LIMIT,
+    )
+    .await
+    .unwrap();
+    let done = wait_until_final(store.store.as_ref(), &created.id, LIMIT)
+        .await
+        .unwrap();
+
+    assert_eq!(done.state, TaskState::Completed);
+    assert_eq!(done.attempt, 2);
+    let first_started = retrying.started_ms.unwrap();
+    let second_started = done.started_ms.unwrap();
+    assert!(
+        second_started - first_started >= 400,
+        "second attempt began {} ms after the first",
+        second_started - first_started
+    );
+    host.shutdown().await;
+}
+
+async fn spinning_task_times_out_while_others_run(backend: Backend) {
+    let store = TestStore::new(backend).await.unwrap();
+    let config = rebound::config::HostConfig {
+        limits: SandboxLimits {
+            exec_timeout: Duration::from_secs(1),
+            ..SandboxLimits::default()
+        },
+        ..test_config()
+    };
+    let host = TestHost::start(store.store.clone(), &["sleepy", "echo"], config);
+
+    let spin = store
+        .store
+        .create(task("sleepy", json!({"ms": 10_000}), Some(fixed(10, 0))))
+        .await
+        .unwrap();
+    wait_for_state(store.store.as_ref(), &spin.id, TaskState::Running, LIMIT)
+        .await
+        .unwrap();
+    let submitted = std::time::Instant::now();
+
+    // While sleepy spins, an echo task still gets a worker and completes.
+    let echo = store
+        .store
+        .create(task("echo", json!({"while": "spinning"}), None))
+        .await
+        .unwrap();
+    let echoed = wait_until_final(store.store.as_ref(), &echo.id, LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(echoed.state, TaskState::Completed);
+    let spun = store.store.get(&spin.id).await.unwrap().unwrap();
+    assert_eq!(
+        spun.state,
+        TaskState::Running,
+        "echo finished while sleepy spun"
+    );
+
+    let failed = wait_until_final(store.store.as_ref(), &spin.id, LIMIT)
+        .await
+        .unwrap();
+    let took = submitted.elapsed();
+    assert_eq!(failed.state, TaskState::Failed);
+    let error = failed.last_error.unwrap();
+    assert!(error.contains("timed out"), "{error}");
+    assert!(error.starts_with("timeout:"), "{error}");
+    let ran = failed.finished_ms.unwrap() - failed.started_ms.unwrap();
+    assert!(
+        ran < 2000,
+        "the attempt ran {ran} ms, past the 1 s timeout by too much"
+    );
+    assert!(took < Duration::from_secs(3), "took {took:?} to fail");
+    host.shutdown().await;
+}
+
+async fn two_hosts_never_run_a_task_twice(backend: Backend) {
+    let store = TestStore::new(backend).await.unwrap();
+    let other = store.reopen().await.unwrap();
+    let first = TestHost::start(store.store.clone(), &["echo"], test_config());
+    let second = TestHost::start(other, &["echo"], test_config());
+
+    let mut ids = Vec::new();
+    for n in 0..60 {
+        let created = store
+            .store
+            .create(task("echo", json!({ "n": n }), None))
+            .await
+            .unwrap();
+        ids.push(created.id);
+    }
+    for id in &ids {
+        let done = wait_until_final(store.store.as_ref(), id, LIMIT)
+            .await
+            .unwrap();
+        assert_eq!(done.state, TaskState::Completed);
+        assert_eq!(done.attempt, 1, "task {id} ran more than once");
+    }
+    let counts = store.store.counts("echo").await.unwrap();
+    assert_eq!(counts.completed, 60);
+    assert_eq!(counts.unfinished(), 0);
+    first.shutdown().await;
+    second.shutdown().await;
+}
+
+rebound_tests::on_both_stores!(
+    echo_completes_with_its_params,
+    flaky_retries_with_fixed_backoff_then_completes,
+    exhausted_retries_fail_and_run_the_hook_once,
+    fatal_failure_is_not_retried,
+    retry_after_waits_the_handlers_delay,
+    spinning_task_times_out_while_others_run,
+    two_hosts_never_run_a_task_twice,
+);
