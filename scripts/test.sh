@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs every check of the repository: formatting, lints, and all tests (unit, doc and
+# integration; the integration tests build the plugins and start their own redis-server).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/prerequisites.sh
+install_wasm_target
+install_redis
+
+echo "==> formatting"
+cargo fmt --all -- --check
+cargo fmt --all --manifest-path plugins/Cargo.toml -- --check
+
+echo "==> lints"
+cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --release -- -D warnings
+
+echo "==> tests"
+cargo test --workspace
