@@ -231,6 +231,52 @@ async fn spinning_task_times_out_while_others_run(backend: Backend) {
     host.shutdown().await;
 }
 
+async fn fuel_budget_stops_long_work_and_lets_short_work_finish(backend: Backend) {
+    let store = TestStore::new(backend).await.unwrap();
+    let config = rebound::config::HostConfig {
+        limits: SandboxLimits {
+            fuel: Some(200_000_000),
+            ..SandboxLimits::default()
+        },
+        ..test_config()
+    };
+    let host = TestHost::start(store.store.clone(), &["sleepy", "echo"], config);
+
+    // Within the budget: echo, and a few milliseconds of spinning.
+    let short = store
+        .store
+        .create(task("sleepy", json!({"ms": 2}), None))
+        .await
+        .unwrap();
+    let echo = store
+        .store
+        .create(task("echo", json!({}), None))
+        .await
+        .unwrap();
+    // Over it: ten seconds of spinning burns far more than 200 million units.
+    let long = store
+        .store
+        .create(task("sleepy", json!({"ms": 10_000}), Some(fixed(10, 0))))
+        .await
+        .unwrap();
+
+    for id in [&short.id, &echo.id] {
+        let done = wait_until_final(store.store.as_ref(), id, LIMIT)
+            .await
+            .unwrap();
+        assert_eq!(done.state, TaskState::Completed, "{done:#?}");
+    }
+    let short = store.store.get(&short.id).await.unwrap().unwrap();
+    assert_eq!(short.progress, 100, "sleepy reports its progress");
+    let failed = wait_until_final(store.store.as_ref(), &long.id, LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(failed.state, TaskState::Failed);
+    let error = failed.last_error.unwrap();
+    assert!(error.starts_with("out_of_fuel:"), "{error}");
+    host.shutdown().await;
+}
+
 async fn two_hosts_never_run_a_task_twice(backend: Backend) {
     let store = TestStore::new(backend).await.unwrap();
     let other = store.reopen().await.unwrap();
@@ -267,5 +313,6 @@ rebound_tests::on_both_stores!(
     fatal_failure_is_not_retried,
     retry_after_waits_the_handlers_delay,
     spinning_task_times_out_while_others_run,
+    fuel_budget_stops_long_work_and_lets_short_work_finish,
     two_hosts_never_run_a_task_twice,
 );

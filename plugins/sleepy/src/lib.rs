@@ -1,8 +1,9 @@
 //! `sleepy`: keeps the CPU busy for a given time, without ever yielding to the host.
 //!
-//! Parameters: `ms` (default 100), how long to spin. It reads the clock through WASI and
-//! otherwise loops, so only the host's epoch deadline or fuel budget can stop it early;
-//! exactly what the sandbox's timeout tests need.
+//! Parameters: `ms` (default 100), how long to spin. It reads the clock through WASI,
+//! reports its progress as it goes, and otherwise loops without ever checking `cancelled()`,
+//! so only the host's epoch deadline or fuel budget can stop it early: exactly what the
+//! sandbox's limit tests need.
 
 use rebound_sdk::serde_json::{Value, json};
 use rebound_sdk::{Failure, Handler, Task, export_handler};
@@ -19,12 +20,19 @@ impl Handler for Sleepy {
         };
         let started = Instant::now();
         let mut spins: u64 = 0;
+        let mut reported = 0;
         while started.elapsed() < Duration::from_millis(ms) {
+            let percent = (started.elapsed().as_millis() * 100 / u128::from(ms.max(1))) as u8;
+            if percent >= reported + 10 {
+                reported = percent;
+                rebound_sdk::set_progress(percent);
+            }
             // Arithmetic the optimiser cannot drop, between clock reads.
             for i in 0..10_000u64 {
                 spins = std::hint::black_box(spins.wrapping_add(i));
             }
         }
+        rebound_sdk::set_progress(100);
         Ok(json!({ "spun_ms": ms, "spins": spins }))
     }
 }
