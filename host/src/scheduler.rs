@@ -189,11 +189,11 @@ impl QueueWorker {
         while attempts.join_next().await.is_some() {}
     }
 
-    /// One attempt from start to recorded outcome, holding `_slot` throughout.
+    /// One attempt from start to recorded outcome, holding its concurrency slot throughout.
     fn attempt(
         &self,
         task: Task,
-        _slot: OwnedSemaphorePermit,
+        slot: OwnedSemaphorePermit,
     ) -> impl Future<Output = ()> + Send + 'static {
         let span =
             info_span!("attempt", task_id = %task.id, queue = %task.queue, attempt = task.attempt);
@@ -205,7 +205,7 @@ impl QueueWorker {
         };
         async move {
             ctx.run(task).await;
-            drop(_slot);
+            drop(slot);
         }
         .instrument(span)
     }
