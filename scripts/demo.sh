@@ -38,10 +38,16 @@ submit sleepy --params '{"ms":60000}' --max-retries 0
 echo "    ${#ids[@]} tasks submitted"
 
 echo "==> waiting for every task to end"
+unfinished() {
+  for id in "${ids[@]}"; do
+    if "$rebound" get "$id" --json | grep -Eq '"state": "(pending|running|retrying)"'; then
+      return 0
+    fi
+  done
+  return 1
+}
 for _ in $(seq 1 300); do
-  unfinished=$("$rebound" stats --json | grep -o '"pending":[0-9]*,"running":[0-9]*,"retrying":[0-9]*' \
-    | grep -vc '"pending":0,"running":0,"retrying":0' || true)
-  [ "$unfinished" = "0" ] && break
+  unfinished || break
   sleep 0.2
 done
 

@@ -28,7 +28,7 @@ use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 use crate::task::Task;
 use bindings::{Failure, Handler};
 pub use plugin::{Plugin, PluginSet};
-use sandbox::{AttemptLabel, AttemptSignals, AttemptState};
+use sandbox::{AttemptSignals, AttemptState};
 
 /// How often the epoch advances: the precision of deadlines, and how often a running guest
 /// yields to other tasks.
@@ -222,7 +222,7 @@ impl Runtime {
         task: &Task,
         signals: &AttemptSignals,
     ) -> AttemptOutcome {
-        let mut store = self.new_store(task, signals.clone());
+        let mut store = self.new_store(signals.clone());
         let wit_task = wit_task(task, plugin.max_attempts(task));
         let started = Instant::now();
 
@@ -258,7 +258,7 @@ impl Runtime {
         error: &str,
     ) -> Result<(), String> {
         let signals = AttemptSignals::new(task.progress);
-        let mut store = self.new_store(task, signals);
+        let mut store = self.new_store(signals);
         let wit_task = wit_task(task, plugin.max_attempts(task));
         let started = Instant::now();
 
@@ -275,13 +275,8 @@ impl Runtime {
 
     /// A store for one instance: limits, fuel, and the epoch callback that enforces the
     /// deadline and cancellation while yielding at every tick.
-    fn new_store(&self, task: &Task, signals: AttemptSignals) -> Store<AttemptState> {
-        let label = AttemptLabel {
-            task_id: task.id.clone(),
-            queue: task.queue.clone(),
-            attempt: task.attempt,
-        };
-        let state = AttemptState::new(label, signals, self.limits.memory_bytes);
+    fn new_store(&self, signals: AttemptSignals) -> Store<AttemptState> {
+        let state = AttemptState::new(signals, self.limits.memory_bytes);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limits);
         if let Some(fuel) = self.limits.fuel {

@@ -63,31 +63,19 @@ impl AttemptSignals {
     }
 }
 
-/// Identifies the attempt in log lines that the guest causes.
-#[derive(Debug, Clone)]
-pub struct AttemptLabel {
-    /// The task id.
-    pub task_id: String,
-    /// The queue (and plugin) name.
-    pub queue: String,
-    /// The attempt number.
-    pub attempt: u32,
-}
-
 /// The data of one instance's `wasmtime::Store`.
 pub struct AttemptState {
     wasi: WasiCtx,
     table: ResourceTable,
     pub(super) limits: StoreLimits,
     signals: AttemptSignals,
-    label: AttemptLabel,
     stdout: MemoryOutputPipe,
     stderr: MemoryOutputPipe,
 }
 
 impl AttemptState {
     /// A sandbox with `memory_limit` bytes for all of the instance's linear memories.
-    pub fn new(label: AttemptLabel, signals: AttemptSignals, memory_limit: usize) -> Self {
+    pub fn new(signals: AttemptSignals, memory_limit: usize) -> Self {
         let stdout = MemoryOutputPipe::new(OUTPUT_CAPTURE_BYTES);
         let stderr = MemoryOutputPipe::new(OUTPUT_CAPTURE_BYTES);
         let wasi = WasiCtxBuilder::new()
@@ -111,7 +99,6 @@ impl AttemptState {
             table: ResourceTable::new(),
             limits,
             signals,
-            label,
             stdout,
             stderr,
         }
@@ -122,20 +109,14 @@ impl AttemptState {
         &self.signals
     }
 
-    /// Writes what the guest printed to the host log, line by line, tagged with the task.
+    /// Writes what the guest printed to the host log, line by line. The caller's span (one
+    /// per attempt) tags each line with the task id, queue and attempt.
     pub fn flush_output(&self) {
         let streams = [("stdout", &self.stdout), ("stderr", &self.stderr)];
         for (stream, pipe) in streams {
             let bytes = pipe.contents();
             for line in String::from_utf8_lossy(&bytes).lines() {
-                tracing::info!(
-                    target: "rebound::guest",
-                    task_id = %self.label.task_id,
-                    queue = %self.label.queue,
-                    attempt = self.label.attempt,
-                    stream,
-                    "{line}"
-                );
+                tracing::info!(target: "rebound::guest", stream, "{line}");
             }
         }
     }
@@ -154,35 +135,20 @@ impl types::Host for AttemptState {}
 
 impl host::Host for AttemptState {
     fn log(&mut self, level: Level, message: String) {
-        let label = &self.label;
-        // Events need a level known at compile time, hence one arm per level.
-        macro_rules! guest_event {
-            ($level:ident) => {
-                tracing::$level!(
-                    target: "rebound::guest",
-                    task_id = %label.task_id,
-                    queue = %label.queue,
-                    attempt = label.attempt,
-                    "{message}"
-                )
-            };
-        }
+        // Events need a level known at compile time, hence one arm per level. The caller's
+        // span tags them with the task id, queue and attempt.
         match level {
-            Level::Trace => guest_event!(trace),
-            Level::Debug => guest_event!(debug),
-            Level::Info => guest_event!(info),
-            Level::Warn => guest_event!(warn),
-            Level::Error => guest_event!(error),
+            Level::Trace => tracing::trace!(target: "rebound::guest", "{message}"),
+            Level::Debug => tracing::debug!(target: "rebound::guest", "{message}"),
+            Level::Info => tracing::info!(target: "rebound::guest", "{message}"),
+            Level::Warn => tracing::warn!(target: "rebound::guest", "{message}"),
+            Level::Error => tracing::error!(target: "rebound::guest", "{message}"),
         }
     }
 
     fn set_progress(&mut self, percent: u8) {
         if !self.signals.raise_progress(percent) {
-            tracing::debug!(
-                task_id = %self.label.task_id,
-                percent,
-                "ignored progress over 100"
-            );
+            tracing::debug!(percent, "ignored progress over 100");
         }
     }
 

@@ -144,7 +144,7 @@ impl EmbeddedStore {
     /// This blocks on file I/O, and waits up to [`BUSY_TIMEOUT`] when another process is
     /// creating the schema at the same moment.
     pub fn open(path: &Path) -> Result<EmbeddedStore, StoreError> {
-        let conn = open_connection(path)
+        let conn = open_waiting_for_locks(path)
             .with_context(|| format!("cannot open the task store {}", path.display()))
             .map_err(|err| StoreError::backend("open", err))?;
         Ok(EmbeddedStore {
@@ -177,6 +177,33 @@ impl EmbeddedStore {
             Err(join_err) => Err(StoreError::backend(transition, join_err)),
         }
     }
+}
+
+/// [`open_connection`], tried again while another process holds a lock that SQLite reports
+/// without calling the busy handler: switching a new file to WAL, or recovering the WAL index
+/// while another connection opens the same file.
+fn open_waiting_for_locks(path: &Path) -> anyhow::Result<Connection> {
+    let started = Instant::now();
+    loop {
+        match open_connection(path) {
+            Err(err) if is_busy(&err) && started.elapsed() < BUSY_TIMEOUT => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Whether `err` is SQLite saying the file is locked by another connection.
+fn is_busy(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        matches!(
+            cause
+                .downcast_ref::<rusqlite::Error>()
+                .and_then(rusqlite::Error::sqlite_error_code),
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        )
+    })
 }
 
 /// Opens the connection, sets it up for sharing the file, and brings the schema up to date.
@@ -1314,5 +1341,24 @@ mod tests {
         let counts = second.counts("q").await.unwrap();
         assert_eq!((counts.pending, counts.running), (0, 200));
         assert_eq!(counts, counted(&path, "q"));
+    }
+
+    #[test]
+    fn many_handles_opening_a_new_file_at_once_all_succeed() {
+        // A host and CLI calls starting together race to create the schema and switch the
+        // new file to WAL; none of them may fail with "database is locked".
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("tasks.db");
+            let openers: Vec<_> = (0..8)
+                .map(|_| {
+                    let path = path.clone();
+                    std::thread::spawn(move || EmbeddedStore::open(&path).map(|_| ()))
+                })
+                .collect();
+            for opener in openers {
+                opener.join().unwrap().unwrap();
+            }
+        }
     }
 }

@@ -61,22 +61,24 @@ pub enum StoreError {
     #[error("invalid task: {0}")]
     Invalid(String),
     /// The backend failed; the transition may or may not have been applied.
-    #[error("store failed to {transition}: {source:#}")]
+    ///
+    /// The message includes the whole cause chain, so `cause` is deliberately not reported
+    /// as the error's `source()`: printers that walk the chain would repeat it.
+    #[error("store failed to {transition}: {cause:#}")]
     Backend {
         /// The transition that failed.
         transition: &'static str,
-        /// The backend's error.
-        #[source]
-        source: anyhow::Error,
+        /// The backend's error, with its context.
+        cause: anyhow::Error,
     },
 }
 
 impl StoreError {
     /// Wraps a backend error for `transition`.
-    pub fn backend(transition: &'static str, source: impl Into<anyhow::Error>) -> Self {
+    pub fn backend(transition: &'static str, cause: impl Into<anyhow::Error>) -> Self {
         StoreError::Backend {
             transition,
-            source: source.into(),
+            cause: cause.into(),
         }
     }
 }
