@@ -58,8 +58,10 @@ for id in "${ids[@]}"; do
     $1 == "queue"    { queue = $2 }
     $1 == "state"    { state = $2 }
     $1 == "attempts" { attempts = $2 (NF > 2 ? "/" $4 : "") }
-    $1 == "result" || $1 == "error" { $1 = ""; detail = substr($0, 2) }
-    END { if (length(detail) > 70) detail = substr(detail, 1, 67) "..."
+    $1 == "result"   { $1 = ""; result = substr($0, 2) }
+    $1 == "error"    { $1 = ""; error = substr($0, 2) }
+    END { detail = (state == "completed") ? result : error
+          if (length(detail) > 70) detail = substr(detail, 1, 67) "..."
           printf "%-38s %-7s %-10s %-9s %s\n", id, queue, state, attempts, detail }'
 done
 echo

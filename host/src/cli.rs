@@ -5,10 +5,7 @@
 //! (`--data`, `REBOUND_DATA`, or `$XDG_DATA_HOME/rebound/tasks.db`, falling back to
 //! `~/.local/share/rebound/tasks.db`).
 
-// Printing to stdout is what a command-line interface is for.
-#![allow(clippy::print_stdout)]
-
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -207,6 +204,18 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Writes one line of a command's output to stdout. A reader that went away (`rebound get …
+/// | head -1`) is not an error: the command has nothing left to say to anyone.
+fn emit(line: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
+        Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(err).context("cannot write to stdout")
+        }
+        _ => Ok(()),
+    }
+}
+
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -349,9 +358,9 @@ async fn submit(store: &dyn crate::store::Store, args: SubmitArgs) -> anyhow::Re
     };
     let task = store.create(task).await?;
     if args.json {
-        println!("{}", serde_json::to_string(&task)?);
+        emit(&serde_json::to_string(&task)?)?;
     } else {
-        println!("{}", task.id);
+        emit(&task.id)?;
     }
     Ok(())
 }
@@ -362,9 +371,9 @@ async fn get(store: &dyn crate::store::Store, id: &str, json: bool) -> anyhow::R
         .await?
         .ok_or_else(|| StoreError::NotFound { id: id.to_owned() })?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&task)?);
+        emit(&serde_json::to_string_pretty(&task)?)?;
     } else {
-        print!("{}", describe(&task));
+        emit(describe(&task).trim_end())?;
     }
     Ok(())
 }
@@ -424,24 +433,24 @@ async fn stats(store: &dyn crate::store::Store, json: bool) -> anyhow::Result<()
             .into_iter()
             .map(|(queue, counts)| (queue, serde_json::json!(counts)))
             .collect();
-        println!("{}", serde_json::Value::Object(map));
+        emit(&serde_json::Value::Object(map).to_string())?;
         return Ok(());
     }
     if rows.is_empty() {
-        println!("no queues yet");
+        emit("no queues yet")?;
         return Ok(());
     }
     let mut header = format!("{:<20}", "queue");
     for state in TaskState::ALL {
         header.push_str(&format!(" {:>10}", state.as_str()));
     }
-    println!("{header}");
+    emit(&header)?;
     for (queue, counts) in rows {
         let mut row = format!("{queue:<20}");
         for state in TaskState::ALL {
             row.push_str(&format!(" {:>10}", counts.get(state)));
         }
-        println!("{row}");
+        emit(&row)?;
     }
     Ok(())
 }
