@@ -103,9 +103,17 @@ struct RunArgs {
     /// Memory cap of one instance, in MiB.
     #[arg(long, default_value_t = 256)]
     memory_mb: usize,
-    /// How long running tasks may finish after Ctrl-C before they are interrupted, in ms.
+    /// How long running tasks may finish after Ctrl-C before they are interrupted and
+    /// handed back, in ms.
     #[arg(long, default_value_t = 30_000)]
     shutdown_grace_ms: u64,
+    /// Lease length, in ms: running tasks of a host that died are taken back after this.
+    /// Leases are renewed every third of it.
+    #[arg(long, default_value_t = 30_000)]
+    lease_ms: u64,
+    /// Lease losses after which a task is failed rather than run again.
+    #[arg(long, default_value_t = 3)]
+    max_lease_losses: u32,
     /// Retry policy for tasks submitted without one.
     #[command(flatten)]
     retry: RetryArgs,
@@ -279,7 +287,8 @@ async fn run(store: SharedStore, args: RunArgs) -> anyhow::Result<()> {
         batch_size: args.batch_size,
         poll_interval: Duration::from_millis(args.poll_ms),
         shutdown_grace: Duration::from_millis(args.shutdown_grace_ms),
-        ..HostConfig::default()
+        lease: Duration::from_millis(args.lease_ms),
+        max_lease_losses: args.max_lease_losses,
     };
     if let Err(err) = config.validate() {
         bail!("invalid setting: {err}");

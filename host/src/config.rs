@@ -25,9 +25,13 @@ pub struct HostConfig {
     /// How long running attempts may go on after a shutdown was asked for, before they are
     /// interrupted. Default 30 s; zero interrupts them at once.
     pub shutdown_grace: Duration,
-    /// How long a claim's lease lasts beyond `exec_timeout`, to cover reporting the outcome.
-    /// Default 30 s.
-    pub lease_margin: Duration,
+    /// How long a lease lasts without renewal. A host renews the leases of its running
+    /// tasks every third of this; when a host dies, its tasks are taken back by any host
+    /// once this much time has passed. Default 30 s; at least 100 ms.
+    pub lease: Duration,
+    /// How many times a task may lose its lease (its host died or stalled) before it is
+    /// failed instead of being run again. Default 3.
+    pub max_lease_losses: u32,
 }
 
 impl Default for HostConfig {
@@ -39,7 +43,8 @@ impl Default for HostConfig {
             batch_size: 16,
             poll_interval: Duration::from_millis(50),
             shutdown_grace: Duration::from_secs(30),
-            lease_margin: Duration::from_secs(30),
+            lease: Duration::from_secs(30),
+            max_lease_losses: 3,
         }
     }
 }
@@ -62,11 +67,15 @@ impl HostConfig {
         if self.limits.memory_bytes < 64 * 1024 {
             return Err("memory limit must be at least 64 KiB (one WebAssembly page)".into());
         }
+        if self.lease < Duration::from_millis(100) {
+            return Err("lease must be at least 100 ms".into());
+        }
         self.retry.validate()
     }
 
-    /// The lease a claim takes: the longest an attempt may run, plus the margin.
-    pub fn lease(&self) -> Duration {
-        self.limits.exec_timeout + self.lease_margin
+    /// How often a host renews its leases and looks for expired ones: a third of the lease,
+    /// so that two renewals can be lost before a lease runs out.
+    pub fn lease_renewal(&self) -> Duration {
+        self.lease / 3
     }
 }

@@ -10,9 +10,14 @@
 //! becomes `retrying` with the policy's delay (or the handler's own); on the last attempt it
 //! runs the plugin's `on-exhausted` hook and fails the task; a fatal failure fails it at once.
 //!
+//! Leases: while an attempt runs, its lease is renewed every third of the lease length. Every
+//! worker also takes back, at the same pace, the tasks of its queue whose lease ran out
+//! because their host died, so no task stays `running` forever. A host that finds its lease
+//! taken over interrupts the attempt; the store would refuse its outcome anyway.
+//!
 //! Shutdown: the worker stops claiming, lets running attempts finish within
-//! `shutdown_grace`, then interrupts the rest. An interrupted attempt is recorded as a failed
-//! attempt that is retried at once while it has retries left.
+//! `shutdown_grace`, then interrupts the rest and hands them back to the store without
+//! charging them the attempt.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -109,8 +114,14 @@ impl QueueWorker {
         let queue = self.plugin.name().to_owned();
         let mut attempts = JoinSet::new();
         let mut claim_errors = 0u32;
+        let mut last_requeue = tokio::time::Instant::now();
 
         while !*stop.borrow() {
+            if last_requeue.elapsed() >= self.config.lease_renewal() {
+                last_requeue = tokio::time::Instant::now();
+                self.requeue_expired(&queue).await;
+            }
+
             // Wait for a free slot first, so nothing is claimed that cannot start at once.
             let first = tokio::select! {
                 permit = self.slots.clone().acquire_owned() => permit.expect("never closed"),
@@ -159,8 +170,23 @@ impl QueueWorker {
 
     async fn claim(&self, queue: &str, max: usize) -> Result<Vec<Task>, StoreError> {
         self.store
-            .claim(queue, &self.host_id, max, self.config.lease())
+            .claim(queue, &self.host_id, max, self.config.lease)
             .await
+    }
+
+    /// Takes back the queue's tasks whose host stopped renewing their lease.
+    async fn requeue_expired(&self, queue: &str) {
+        let max_losses = self.config.max_lease_losses;
+        match self.store.requeue_expired(queue, 1000, max_losses).await {
+            Ok(done) if done.requeued + done.failed > 0 => warn!(
+                %queue,
+                requeued = done.requeued,
+                failed = done.failed,
+                "took back tasks whose lease expired"
+            ),
+            Ok(_) => {}
+            Err(err) => debug!(%queue, error = %err, "requeue of expired leases failed"),
+        }
     }
 
     /// Waits for running attempts up to the grace period, then interrupts the rest and waits
@@ -202,6 +228,7 @@ impl QueueWorker {
             runtime: self.runtime.clone(),
             plugin: self.plugin.clone(),
             running: self.running.clone(),
+            lease: self.config.lease,
         };
         async move {
             ctx.run(task).await;
@@ -217,6 +244,7 @@ struct AttemptContext {
     runtime: Arc<Runtime>,
     plugin: Arc<Plugin>,
     running: RunningAttempts,
+    lease: Duration,
 }
 
 impl AttemptContext {
@@ -236,7 +264,7 @@ impl AttemptContext {
         self.running.lock().expect("poisoned").remove(&task.id);
     }
 
-    /// Runs the handler, writing progress to the store as it changes.
+    /// Runs the handler, renewing the lease and writing progress to the store as it goes.
     async fn execute(
         &self,
         task: &Task,
@@ -246,10 +274,14 @@ impl AttemptContext {
         let run = self.runtime.run_attempt(&self.plugin, task, signals);
         tokio::pin!(run);
         let mut flush = tokio::time::interval(PROGRESS_FLUSH);
+        // The claim just took a fresh lease: the first renewal is due a third of it later.
+        let period = self.lease / 3;
+        let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let mut flushed = task.progress;
         loop {
             tokio::select! {
                 outcome = &mut run => return outcome,
+                _ = renew.tick() => self.renew_lease(attempt, signals).await,
                 _ = flush.tick() => {
                     let progress = signals.progress();
                     if progress > flushed {
@@ -260,6 +292,20 @@ impl AttemptContext {
                     }
                 }
             }
+        }
+    }
+
+    /// Renews the attempt's lease; stops the attempt when another host has taken the task.
+    async fn renew_lease(&self, attempt: &AttemptRef, signals: &AttemptSignals) {
+        match self.store.heartbeat(attempt, self.lease).await {
+            Ok(()) => {}
+            Err(err @ StoreError::LeaseLost { .. }) => {
+                warn!(error = %err, "lease lost, stopping the attempt");
+                signals.cancel();
+            }
+            // The store is unreachable; the next renewal may get through before the lease
+            // runs out.
+            Err(err) => debug!(error = %err, "lease renewal failed"),
         }
     }
 
@@ -299,12 +345,20 @@ impl AttemptContext {
             AttemptOutcome::Failed(Failure::RetryAfter(after)) => {
                 (after.message, Duration::from_millis(after.delay_ms))
             }
+            AttemptOutcome::Trapped {
+                reason: TrapReason::Canceled,
+                ..
+            } => {
+                // Stopped by this host (shutdown, or a lease taken over): not the task's
+                // fault, so it goes back uncharged.
+                match with_retries("release", || self.store.release(attempt, progress)).await {
+                    Ok(()) => info!("task handed back"),
+                    Err(err) => report_lost(&err),
+                }
+                return;
+            }
             AttemptOutcome::Trapped { reason, message } => {
-                let delay = match reason {
-                    // Stopped by this host's shutdown: not the task's fault, so no wait.
-                    TrapReason::Canceled => Duration::ZERO,
-                    _ => self.plugin.policy_for(task).delay(task.attempt),
-                };
+                let delay = self.plugin.policy_for(task).delay(task.attempt);
                 (format!("{}: {message}", reason.as_str()), delay)
             }
         };

@@ -143,6 +143,9 @@ pub struct Task {
     pub errors: Vec<String>,
     /// How many times the plugin's `on-exhausted` hook ran for this task.
     pub exhausted_hook_runs: u32,
+    /// How many times a host lost the task's lease (died or stalled) while running it.
+    /// Such attempts are not charged to the retry budget.
+    pub lease_losses: u32,
     /// When the task was created, in ms since the Unix epoch.
     pub created_ms: u64,
     /// When the task last changed state, in ms since the Unix epoch.

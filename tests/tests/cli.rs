@@ -34,11 +34,17 @@ fn rebound_ok(store: &[&str], args: &[&str]) -> String {
 
 /// Starts `rebound run` in the background.
 fn start_host(store: &[&str], plugins: &Path) -> Child {
+    start_host_with(store, plugins, &[])
+}
+
+/// Starts `rebound run` in the background with extra flags.
+fn start_host_with(store: &[&str], plugins: &Path, flags: &[&str]) -> Child {
     Command::new(BIN)
         .args(store)
         .args(["run", "--plugins"])
         .arg(plugins)
         .args(["--poll-ms", "10"])
+        .args(flags)
         .env_remove("REBOUND_REDIS_URL")
         .env_remove("REBOUND_DATA")
         .stdout(Stdio::null())
@@ -162,6 +168,61 @@ fn redis_host_runs_submitted_tasks() {
             .lines()
             .any(|line| line.starts_with("echo") && line.contains(" 5 ")),
         "{stats}"
+    );
+}
+
+#[test]
+fn tasks_of_a_killed_host_are_taken_over_uncharged() {
+    let redis = RedisServer::start().unwrap();
+    let url = redis.url();
+    let store = ["--redis", url.as_str()];
+    let plugins = plugin_dir(&["sleepy"]);
+    let lease = ["--lease-ms", "600", "--concurrency", "2"];
+
+    // No retries: a task charged for the crash would end failed.
+    let ids: Vec<String> = (0..4)
+        .map(|_| submit(&store, "sleepy", r#"{"ms":1200}"#, &["--max-retries", "0"]))
+        .collect();
+    let doomed = start_host_with(&store, plugins.path(), &lease);
+    let doomed_id = format!("-{}", doomed.id());
+
+    // Wait until the doomed host runs two tasks, then kill it without warning.
+    let started = Instant::now();
+    let mut orphans = Vec::new();
+    while orphans.len() < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "host never ran tasks"
+        );
+        orphans.clear();
+        for id in &ids {
+            let task: Value =
+                serde_json::from_str(&rebound_ok(&store, &["get", id, "--json"])).unwrap();
+            let owner = task["lease"]["owner"].as_str().unwrap_or("");
+            if owner.ends_with(&doomed_id) {
+                orphans.push(id.clone());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut doomed = doomed;
+    doomed.kill().unwrap();
+    doomed.wait().unwrap();
+    let killed_at = Instant::now();
+
+    let survivor = start_host_with(&store, plugins.path(), &lease);
+    for id in &ids {
+        let task = wait_final(&store, id);
+        assert_eq!(task["state"], "completed", "{task}");
+        assert_eq!(task["attempt"], 1, "{task}");
+        let expected_losses = u64::from(orphans.contains(id));
+        assert_eq!(task["lease_losses"], expected_losses, "{task}");
+    }
+    let recovered = killed_at.elapsed();
+    stop_host(survivor);
+    assert!(
+        recovered < Duration::from_secs(10),
+        "took {recovered:?} to finish the orphaned tasks"
     );
 }
 

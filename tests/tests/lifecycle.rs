@@ -277,6 +277,41 @@ async fn fuel_budget_stops_long_work_and_lets_short_work_finish(backend: Backend
     host.shutdown().await;
 }
 
+async fn shutdown_hands_running_tasks_back_uncharged(backend: Backend) {
+    let store = TestStore::new(backend).await.unwrap();
+    let config = rebound::config::HostConfig {
+        shutdown_grace: Duration::from_millis(100),
+        ..test_config()
+    };
+    let host = TestHost::start(store.store.clone(), &["sleepy"], config);
+    let created = store
+        .store
+        .create(task("sleepy", json!({"ms": 1500}), Some(fixed(10, 0))))
+        .await
+        .unwrap();
+    wait_for_state(store.store.as_ref(), &created.id, TaskState::Running, LIMIT)
+        .await
+        .unwrap();
+
+    // The grace period is shorter than the task: it is interrupted and handed back.
+    host.shutdown().await;
+    let handed_back = store.store.get(&created.id).await.unwrap().unwrap();
+    assert_eq!(handed_back.state, TaskState::Pending, "{handed_back:#?}");
+    assert_eq!(
+        handed_back.attempt, 0,
+        "the interrupted attempt is not charged"
+    );
+
+    // With no retries at all, the next host still runs it to completion.
+    let next = TestHost::start(store.store.clone(), &["sleepy"], test_config());
+    let done = wait_until_final(store.store.as_ref(), &created.id, LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(done.state, TaskState::Completed);
+    assert_eq!(done.attempt, 1);
+    next.shutdown().await;
+}
+
 async fn two_hosts_never_run_a_task_twice(backend: Backend) {
     let store = TestStore::new(backend).await.unwrap();
     let other = store.reopen().await.unwrap();
@@ -315,4 +350,5 @@ rebound_tests::on_both_stores!(
     spinning_task_times_out_while_others_run,
     fuel_budget_stops_long_work_and_lets_short_work_finish,
     two_hosts_never_run_a_task_twice,
+    shutdown_hands_running_tasks_back_uncharged,
 );

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use rebound::store::{AttemptRef, FailedAttempt, NextStep, StoreError};
+use rebound::store::{AttemptRef, FailedAttempt, NextStep, Requeued, StoreError};
 use rebound::task::{NewTask, TaskState};
 use rebound_tests::{Backend, TestStore};
 
@@ -228,6 +228,138 @@ async fn progress_never_goes_down(backend: Backend) {
     }
 }
 
+async fn heartbeat_extends_the_lease_of_the_holder_only(backend: Backend) {
+    let ts = TestStore::new(backend).await.unwrap();
+    ts.store.create(echo("h")).await.unwrap();
+    let claimed = ts
+        .store
+        .claim("echo", "a", 1, Duration::from_millis(200))
+        .await
+        .unwrap();
+    let attempt = AttemptRef::of(&claimed[0]);
+    let first_deadline = claimed[0].lease.as_ref().unwrap().deadline_ms;
+
+    ts.store.heartbeat(&attempt, LEASE).await.unwrap();
+    let task = ts.store.get("h").await.unwrap().unwrap();
+    let renewed = task.lease.unwrap().deadline_ms;
+    assert!(
+        renewed >= first_deadline + 29_000,
+        "{renewed} vs {first_deadline}"
+    );
+
+    // A renewed lease is not expired, so nothing is taken back.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let done = ts.store.requeue_expired("echo", 10, 3).await.unwrap();
+    assert_eq!(done, Requeued::default());
+
+    let stale = AttemptRef {
+        token: attempt.token + 1,
+        ..attempt
+    };
+    let err = ts.store.heartbeat(&stale, LEASE).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::LeaseLost {
+                transition: "heartbeat",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+async fn expired_leases_are_taken_back_without_charging_an_attempt(backend: Backend) {
+    let ts = TestStore::new(backend).await.unwrap();
+    ts.store.create(echo("orphan")).await.unwrap();
+    let short = Duration::from_millis(100);
+    let claimed = ts.store.claim("echo", "dead-host", 1, short).await.unwrap();
+    let lost = AttemptRef::of(&claimed[0]);
+
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let done = ts.store.requeue_expired("echo", 10, 3).await.unwrap();
+    assert_eq!(
+        done,
+        Requeued {
+            requeued: 1,
+            failed: 0
+        }
+    );
+
+    let task = ts.store.get("orphan").await.unwrap().unwrap();
+    assert_eq!(task.state, TaskState::Pending);
+    assert_eq!(task.attempt, 0, "the lost attempt is not charged");
+    assert_eq!(task.lease_losses, 1);
+    assert!(task.lease.is_none());
+    let counts = ts.store.counts("echo").await.unwrap();
+    assert_eq!((counts.pending, counts.running), (1, 0));
+
+    // The dead host's late report is refused; the next claim runs attempt 1 again.
+    assert!(ts.store.complete(&lost, "{}", 0).await.is_err());
+    let again = ts.store.claim("echo", "b", 1, LEASE).await.unwrap();
+    assert_eq!(again[0].attempt, 1);
+    assert_eq!(again[0].lease.as_ref().unwrap().token, lost.token + 1);
+}
+
+async fn too_many_lease_losses_fail_the_task(backend: Backend) {
+    let ts = TestStore::new(backend).await.unwrap();
+    ts.store.create(echo("cursed")).await.unwrap();
+    let short = Duration::from_millis(50);
+    // Two losses are allowed; the third fails the task.
+    for round in 1..=3 {
+        let claimed = ts.store.claim("echo", "h", 1, short).await.unwrap();
+        assert_eq!(claimed.len(), 1, "round {round}");
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        let done = ts.store.requeue_expired("echo", 10, 2).await.unwrap();
+        let expected = if round < 3 {
+            Requeued {
+                requeued: 1,
+                failed: 0,
+            }
+        } else {
+            Requeued {
+                requeued: 0,
+                failed: 1,
+            }
+        };
+        assert_eq!(done, expected, "round {round}");
+    }
+    let task = ts.store.get("cursed").await.unwrap().unwrap();
+    assert_eq!(task.state, TaskState::Failed);
+    assert_eq!(task.lease_losses, 3);
+    let error = task.last_error.unwrap();
+    assert!(error.contains("lost its lease 3 times"), "{error}");
+    let counts = ts.store.counts("echo").await.unwrap();
+    assert_eq!((counts.failed, counts.running, counts.pending), (1, 0, 0));
+}
+
+async fn release_hands_a_task_back_uncharged(backend: Backend) {
+    let ts = TestStore::new(backend).await.unwrap();
+    ts.store
+        .create(NewTask {
+            priority: 7,
+            ..echo("r")
+        })
+        .await
+        .unwrap();
+    let claimed = ts.store.claim("echo", "a", 1, LEASE).await.unwrap();
+    let attempt = AttemptRef::of(&claimed[0]);
+
+    ts.store.release(&attempt, 30).await.unwrap();
+    let task = ts.store.get("r").await.unwrap().unwrap();
+    assert_eq!(task.state, TaskState::Pending);
+    assert_eq!((task.attempt, task.progress, task.lease_losses), (0, 30, 0));
+    assert!(
+        ts.store.release(&attempt, 30).await.is_err(),
+        "released only once"
+    );
+
+    let again = ts.store.claim("echo", "b", 1, LEASE).await.unwrap();
+    assert_eq!(again[0].id, "r");
+    assert_eq!(again[0].attempt, 1);
+    assert_eq!(again[0].priority, 7);
+}
+
 async fn concurrent_claims_never_share_a_task(backend: Backend) {
     let ts = TestStore::new(backend).await.unwrap();
     for n in 0..200 {
@@ -283,6 +415,10 @@ rebound_tests::on_both_stores!(
     stale_lease_reports_are_rejected,
     failure_transitions_follow_the_hosts_decision,
     progress_never_goes_down,
+    heartbeat_extends_the_lease_of_the_holder_only,
+    expired_leases_are_taken_back_without_charging_an_attempt,
+    too_many_lease_losses_fail_the_task,
+    release_hands_a_task_back_uncharged,
     concurrent_claims_never_share_a_task,
     queues_and_counts_are_per_queue,
 );

@@ -38,7 +38,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Mutex;
 
-use super::{AttemptRef, FailedAttempt, NextStep, Store, StoreError, now_ms};
+use super::{AttemptRef, FailedAttempt, NextStep, Requeued, Store, StoreError, now_ms};
 use crate::task::{ERROR_HISTORY_LEN, Lease, NewTask, StateCounts, Task, TaskState};
 
 /// How long a transition waits for another connection's write transaction before it fails.
@@ -77,13 +77,17 @@ CREATE TABLE tasks (
     finished_ms         INTEGER,
     lease_owner         TEXT,
     lease_deadline_ms   INTEGER,
-    lease_token         INTEGER NOT NULL
+    lease_token         INTEGER NOT NULL,
+    lease_losses        INTEGER NOT NULL DEFAULT 0
 );
 
 -- Only claimable tasks are in this index, in claim order, so a claim reads the first due
 -- entries of its queue instead of sorting the queue.
 CREATE INDEX tasks_claimable ON tasks (queue, priority DESC, run_at_ms, seq)
     WHERE state IN ('pending', 'retrying');
+
+-- Running tasks by lease deadline, so finding expired leases reads only those.
+CREATE INDEX tasks_leased ON tasks (queue, lease_deadline_ms) WHERE state = 'running';
 
 CREATE TABLE queues (
     name TEXT PRIMARY KEY
@@ -100,7 +104,7 @@ CREATE TABLE state_counts (
 /// The columns [`task_from_row`] reads, in a `SELECT` or a `RETURNING` clause.
 const TASK_COLUMNS: &str = "id, queue, params, state, priority, attempt, retry, run_at_ms, \
      progress, result, last_error, errors, exhausted_hook_runs, created_ms, updated_ms, \
-     started_ms, finished_ms, lease_owner, lease_deadline_ms, lease_token";
+     started_ms, finished_ms, lease_owner, lease_deadline_ms, lease_token, lease_losses";
 
 /// The largest time, in ms since the Unix epoch, that fits in an SQLite integer.
 const MAX_STORED_MS: u64 = i64::MAX as u64;
@@ -358,6 +362,80 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn heartbeat(&self, attempt: &AttemptRef, lease: Duration) -> Result<(), StoreError> {
+        let attempt = attempt.clone();
+        self.run("heartbeat", move |conn| {
+            let tx = begin(conn)?;
+            let task = leased_task(&tx, &attempt, "heartbeat")?;
+            let deadline = stored_ms(now_ms().saturating_add(duration_ms(lease)));
+            tx.execute(
+                "UPDATE tasks SET lease_deadline_ms = ?2 WHERE id = ?1",
+                rusqlite::params![task.id, deadline],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn release(&self, attempt: &AttemptRef, progress: u8) -> Result<(), StoreError> {
+        let attempt = attempt.clone();
+        self.run("release", move |conn| {
+            let tx = begin(conn)?;
+            let task = leased_task(&tx, &attempt, "release")?;
+            let progress = raised_progress(task.progress, progress);
+            return_to_pending(&tx, &task, progress, now_ms())?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn requeue_expired(
+        &self,
+        queue: &str,
+        max: usize,
+        max_lease_losses: u32,
+    ) -> Result<Requeued, StoreError> {
+        let queue = queue.to_owned();
+        self.run("requeue expired leases", move |conn| {
+            let tx = begin(conn)?;
+            let now = now_ms();
+            let mut done = Requeued::default();
+            for mut task in expired_leases(&tx, &queue, max, now)? {
+                let owner = task.lease.as_ref().map_or("unknown", |l| l.owner.as_str());
+                let owner = owner.to_owned();
+                task.lease_losses = task.lease_losses.saturating_add(1);
+                tx.execute(
+                    "UPDATE tasks SET lease_losses = ?2 WHERE id = ?1",
+                    rusqlite::params![task.id, task.lease_losses],
+                )?;
+                if task.lease_losses > max_lease_losses {
+                    let failure = FailedAttempt {
+                        error: format!(
+                            "lost its lease {} times (last held by {owner}); its hosts keep \
+                             dying or stalling, so it is not run again",
+                            task.lease_losses
+                        ),
+                        next: NextStep::Fail,
+                        exhausted_hook_ran: false,
+                        progress: task.progress,
+                    };
+                    record_failure(&mut task, &failure, now);
+                    save_outcome(&tx, &task)?;
+                    move_count(&tx, &queue, Some(TaskState::Running), TaskState::Failed)?;
+                    done.failed += 1;
+                } else {
+                    return_to_pending(&tx, &task, task.progress, now)?;
+                    done.requeued += 1;
+                }
+            }
+            tx.commit()?;
+            Ok(done)
+        })
+        .await
+    }
+
     async fn set_progress(&self, attempt: &AttemptRef, percent: u8) -> Result<(), StoreError> {
         let attempt = attempt.clone();
         self.run("set progress", move |conn| {
@@ -411,6 +489,7 @@ fn new_task(new: NewTask, now: u64) -> Task {
         last_error: None,
         errors: Vec::new(),
         exhausted_hook_runs: 0,
+        lease_losses: 0,
         created_ms: now,
         updated_ms: now,
         started_ms: None,
@@ -510,6 +589,45 @@ fn due_tasks(
         Ok((row.get(0)?, row.get(1)?))
     })?;
     rows.collect()
+}
+
+/// Running tasks of `queue` whose lease ended before `now`, at most `max` of them.
+fn expired_leases(
+    tx: &Transaction<'_>,
+    queue: &str,
+    max: usize,
+    now: u64,
+) -> rusqlite::Result<Vec<Task>> {
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT {TASK_COLUMNS} FROM tasks
+         WHERE queue = ?1 AND state = 'running' AND lease_deadline_ms < ?2
+         ORDER BY lease_deadline_ms
+         LIMIT ?3"
+    ))?;
+    let limit = i64::try_from(max).unwrap_or(i64::MAX);
+    let rows = stmt.query_map(rusqlite::params![queue, now, limit], task_from_row)?;
+    rows.collect()
+}
+
+/// Makes a running task claimable again at once, without charging it the attempt it was in.
+fn return_to_pending(
+    tx: &Transaction<'_>,
+    task: &Task,
+    progress: u8,
+    now: u64,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "UPDATE tasks SET state = 'pending', attempt = attempt - 1, run_at_ms = ?2,
+             progress = ?3, updated_ms = ?2, lease_owner = NULL, lease_deadline_ms = NULL
+         WHERE id = ?1",
+    )?
+    .execute(rusqlite::params![task.id, now, progress])?;
+    move_count(
+        tx,
+        &task.queue,
+        Some(TaskState::Running),
+        TaskState::Pending,
+    )
 }
 
 /// The task an attempt refers to, provided that attempt still holds its lease; otherwise
@@ -667,6 +785,7 @@ fn task_from_row(row: &Row<'_>) -> rusqlite::Result<Task> {
         last_error: row.get("last_error")?,
         errors: row.get::<_, Json<_>>("errors")?.0,
         exhausted_hook_runs: row.get("exhausted_hook_runs")?,
+        lease_losses: row.get("lease_losses")?,
         created_ms: row.get("created_ms")?,
         updated_ms: row.get("updated_ms")?,
         started_ms: row.get("started_ms")?,

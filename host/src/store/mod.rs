@@ -134,6 +134,15 @@ pub struct FailedAttempt {
     pub progress: u8,
 }
 
+/// What [`Store::requeue_expired`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Requeued {
+    /// Tasks made claimable again.
+    pub requeued: u64,
+    /// Tasks failed for losing their lease too often.
+    pub failed: u64,
+}
+
 /// How tasks are stored and moved between states. See the module docs.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -167,6 +176,26 @@ pub trait Store: Send + Sync + 'static {
         attempt: &AttemptRef,
         failure: &FailedAttempt,
     ) -> Result<TaskState, StoreError>;
+
+    /// Extends the lease of a running attempt to `lease` from now. A host renews its leases
+    /// while the attempts run; [`StoreError::LeaseLost`] tells it another host took over.
+    async fn heartbeat(&self, attempt: &AttemptRef, lease: Duration) -> Result<(), StoreError>;
+
+    /// Hands a running task back, claimable at once, without charging it the attempt (the
+    /// task becomes `pending` with its attempt count as before the claim). For a host that
+    /// is shutting down.
+    async fn release(&self, attempt: &AttemptRef, progress: u8) -> Result<(), StoreError>;
+
+    /// Takes back up to `max` running tasks of `queue` whose lease has run out, because their
+    /// host died or stalled. Each becomes `pending` without being charged the attempt, and
+    /// its `lease_losses` grows by one; a task with more than `max_lease_losses` becomes
+    /// `failed` instead, with an error that says so.
+    async fn requeue_expired(
+        &self,
+        queue: &str,
+        max: usize,
+        max_lease_losses: u32,
+    ) -> Result<Requeued, StoreError>;
 
     /// Raises the stored progress of a running task; a lower value leaves it unchanged.
     async fn set_progress(&self, attempt: &AttemptRef, percent: u8) -> Result<(), StoreError>;

@@ -28,7 +28,7 @@ use async_trait::async_trait;
 use fred::prelude::*;
 use fred::types::scripts::Script;
 
-use super::{AttemptRef, FailedAttempt, NextStep, Store, StoreError};
+use super::{AttemptRef, FailedAttempt, NextStep, Requeued, Store, StoreError};
 use crate::backoff::RetryPolicy;
 use crate::task::{ERROR_HISTORY_LEN, Lease, MAX_PRIORITY, NewTask, StateCounts, Task, TaskState};
 
@@ -70,6 +70,9 @@ struct Scripts {
     complete: Script,
     fail: Script,
     progress: Script,
+    heartbeat: Script,
+    release: Script,
+    requeue: Script,
 }
 
 impl Scripts {
@@ -80,6 +83,9 @@ impl Scripts {
             complete: Script::from_lua(include_str!("lua/complete.lua")),
             fail: Script::from_lua(include_str!("lua/fail.lua")),
             progress: Script::from_lua(include_str!("lua/progress.lua")),
+            heartbeat: Script::from_lua(include_str!("lua/heartbeat.lua")),
+            release: Script::from_lua(include_str!("lua/release.lua")),
+            requeue: Script::from_lua(include_str!("lua/requeue.lua")),
         }
     }
 }
@@ -183,6 +189,18 @@ impl RedisStore {
         Ok(())
     }
 
+    /// Turns a script's answer into `Ok` for "ok" and the lease error for "lost:STATE".
+    fn accepted(
+        attempt: &AttemptRef,
+        transition: &'static str,
+        answer: &str,
+    ) -> Result<(), StoreError> {
+        if answer == "ok" {
+            return Ok(());
+        }
+        Err(Self::lease_lost(attempt, transition, answer))
+    }
+
     /// Turns a script's "lost:STATE" answer into the error that says so.
     fn lease_lost(attempt: &AttemptRef, transition: &'static str, answer: &str) -> StoreError {
         StoreError::LeaseLost {
@@ -263,6 +281,7 @@ impl Store for RedisStore {
             last_error: None,
             errors: Vec::new(),
             exhausted_hook_runs: 0,
+            lease_losses: 0,
             created_ms: now,
             updated_ms: now,
             started_ms: None,
@@ -330,10 +349,7 @@ impl Store for RedisStore {
             .evalsha_with_reload(&self.client, keys, args)
             .await
             .map_err(|err| StoreError::backend("complete", err))?;
-        if answer != "ok" {
-            return Err(Self::lease_lost(attempt, "complete", &answer));
-        }
-        Ok(())
+        Self::accepted(attempt, "complete", &answer)
     }
 
     async fn fail(
@@ -374,6 +390,76 @@ impl Store for RedisStore {
             .map_err(|_| Self::lease_lost(attempt, "fail", &answer))
     }
 
+    async fn heartbeat(&self, attempt: &AttemptRef, lease: Duration) -> Result<(), StoreError> {
+        let keys = vec![
+            keys::task(&attempt.queue, &attempt.id),
+            keys::queue_key(&attempt.queue, "running"),
+        ];
+        let args: Vec<String> = vec![
+            attempt.id.clone(),
+            attempt.token.to_string(),
+            lease.as_millis().to_string(),
+        ];
+        let answer: String = self
+            .scripts
+            .heartbeat
+            .evalsha_with_reload(&self.client, keys, args)
+            .await
+            .map_err(|err| StoreError::backend("heartbeat", err))?;
+        Self::accepted(attempt, "heartbeat", &answer)
+    }
+
+    async fn release(&self, attempt: &AttemptRef, progress: u8) -> Result<(), StoreError> {
+        let queue = &attempt.queue;
+        let keys = vec![
+            keys::task(queue, &attempt.id),
+            keys::queue_key(queue, "ready"),
+            keys::queue_key(queue, "running"),
+            keys::queue_key(queue, "counts"),
+        ];
+        let args: Vec<String> = vec![
+            attempt.id.clone(),
+            attempt.token.to_string(),
+            MAX_PRIORITY.to_string(),
+            progress.min(100).to_string(),
+        ];
+        let answer: String = self
+            .scripts
+            .release
+            .evalsha_with_reload(&self.client, keys, args)
+            .await
+            .map_err(|err| StoreError::backend("release", err))?;
+        Self::accepted(attempt, "release", &answer)
+    }
+
+    async fn requeue_expired(
+        &self,
+        queue: &str,
+        max: usize,
+        max_lease_losses: u32,
+    ) -> Result<Requeued, StoreError> {
+        let keys = vec![
+            keys::queue_key(queue, "ready"),
+            keys::queue_key(queue, "running"),
+            keys::queue_key(queue, "failed"),
+            keys::queue_key(queue, "counts"),
+        ];
+        let args: Vec<String> = vec![
+            max.to_string(),
+            keys::task_prefix(queue),
+            MAX_PRIORITY.to_string(),
+            max_lease_losses.to_string(),
+            ERROR_HISTORY_LEN.to_string(),
+        ];
+        let (requeued, failed): (u64, u64) = self
+            .scripts
+            .requeue
+            .evalsha_with_reload(&self.client, keys, args)
+            .await
+            .map_err(|err| StoreError::backend("requeue expired leases", err))?;
+        Ok(Requeued { requeued, failed })
+    }
+
     async fn set_progress(&self, attempt: &AttemptRef, percent: u8) -> Result<(), StoreError> {
         let keys = vec![keys::task(&attempt.queue, &attempt.id)];
         let args: Vec<String> = vec![attempt.token.to_string(), percent.min(100).to_string()];
@@ -383,10 +469,7 @@ impl Store for RedisStore {
             .evalsha_with_reload(&self.client, keys, args)
             .await
             .map_err(|err| StoreError::backend("set progress", err))?;
-        if answer != "ok" {
-            return Err(Self::lease_lost(attempt, "set progress", &answer));
-        }
-        Ok(())
+        Self::accepted(attempt, "set progress", &answer)
     }
 
     async fn get(&self, id: &str) -> Result<Option<Task>, StoreError> {
@@ -509,6 +592,7 @@ fn task_from_map(fields: &HashMap<String, String>) -> anyhow::Result<Task> {
         last_error: fields.get("last_error").cloned(),
         errors,
         exhausted_hook_runs: u32::try_from(number("hook_runs")?).unwrap_or(u32::MAX),
+        lease_losses: u32::try_from(optional("lease_losses")?.unwrap_or(0)).unwrap_or(u32::MAX),
         created_ms: number("created")?,
         updated_ms: number("updated")?,
         started_ms: optional("started")?,

@@ -1,0 +1,57 @@
+-- requeue: take back running tasks whose lease ran out (their host died or stalled).
+--
+-- A lost lease is not the task's fault, so the attempt it was in is not charged: the task is
+-- claimable again at once with the same attempt number. It is counted, though, and a task
+-- that lost its lease more than the allowed number of times fails instead.
+--
+-- KEYS[1] ready zset       {rebound:Q}:ready
+-- KEYS[2] running zset     {rebound:Q}:running
+-- KEYS[3] failed zset      {rebound:Q}:failed
+-- KEYS[4] counts hash      {rebound:Q}:counts
+-- ARGV[1] most tasks to take back
+-- ARGV[2] task key prefix  {rebound:Q}:task:
+-- ARGV[3] MAX_PRIORITY, for the ready score
+-- ARGV[4] most lease losses a task may have
+-- ARGV[5] how many errors the history keeps
+--
+-- Returns {number requeued, number failed}.
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local expired = redis.call('ZRANGE', KEYS[2], '-inf', now - 1, 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[1]))
+local requeued, failed = 0, 0
+
+for _, id in ipairs(expired) do
+  local key = ARGV[2] .. id
+  redis.call('ZREM', KEYS[2], id)
+  if redis.call('HGET', key, 'state') == 'running' then
+    local owner = redis.call('HGET', key, 'owner') or 'unknown'
+    local losses = redis.call('HINCRBY', key, 'lease_losses', 1)
+    redis.call('HDEL', key, 'owner', 'lease_deadline')
+    redis.call('HSET', key, 'updated', now)
+    redis.call('HINCRBY', KEYS[4], 'running', -1)
+    if losses > tonumber(ARGV[4]) then
+      local message = 'lost its lease ' .. losses .. ' times (last held by ' .. owner ..
+        '); its hosts keep dying or stalling, so it is not run again'
+      local errors = cjson.decode(redis.call('HGET', key, 'errors') or '[]')
+      errors[#errors + 1] = message
+      while #errors > tonumber(ARGV[5]) do
+        table.remove(errors, 1)
+      end
+      redis.call('HSET', key, 'state', 'failed', 'finished', now, 'last_error', message,
+        'errors', cjson.encode(errors))
+      redis.call('ZADD', KEYS[3], now, id)
+      redis.call('HINCRBY', KEYS[4], 'failed', 1)
+      failed = failed + 1
+    else
+      local priority = tonumber(redis.call('HGET', key, 'priority'))
+      redis.call('HINCRBY', key, 'attempt', -1)
+      redis.call('HSET', key, 'state', 'pending', 'run_at', now)
+      local score = (tonumber(ARGV[3]) - priority) * 4398046511104 + now
+      redis.call('ZADD', KEYS[1], string.format('%.0f', score), id)
+      redis.call('HINCRBY', KEYS[4], 'pending', 1)
+      requeued = requeued + 1
+    end
+  end
+end
+return {requeued, failed}
