@@ -8,11 +8,21 @@
 //! | `linear`      | interval × n                        |
 //! | `exponential` | interval × multiplier^(n−1)         |
 //!
-//! and is never more than `backoff_max_ms` when that is set. `max_retry_count` counts
-//! retries after the first attempt, so a task gets at most `max_retry_count + 1` attempts.
+//! and is never more than `backoff_max_ms` when that is set. Jitter then spreads the delay
+//! d so that tasks that failed together do not all come back at the same moment, with u
+//! drawn uniformly from [0, 1):
 //!
-//! Everything here is a pure function of the policy and the retry number; the store records
-//! the resulting time, and nothing here reads a clock.
+//! | `jitter` | delay            |
+//! |----------|------------------|
+//! | `none`   | d                |
+//! | `full`   | u × d            |
+//! | `equal`  | d/2 + u × d/2    |
+//!
+//! `max_retry_count` counts retries after the first attempt, so a task gets at most
+//! `max_retry_count + 1` attempts.
+//!
+//! Everything here is a pure function of the policy, the retry number and, for jitter, the
+//! random draw the caller passes in; nothing here reads a clock or a random source.
 
 use std::time::Duration;
 
@@ -46,6 +56,34 @@ impl std::str::FromStr for Strategy {
     }
 }
 
+/// How the delay is randomised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Jitter {
+    /// Exactly the computed delay.
+    #[default]
+    None,
+    /// Anywhere between zero and the computed delay.
+    Full,
+    /// Anywhere between half the computed delay and all of it.
+    Equal,
+}
+
+impl std::str::FromStr for Jitter {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Jitter::None),
+            "full" => Ok(Jitter::Full),
+            "equal" => Ok(Jitter::Equal),
+            other => Err(format!(
+                "unknown jitter `{other}`, expected none, full or equal"
+            )),
+        }
+    }
+}
+
 /// When and how often a failed task is tried again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -58,6 +96,8 @@ pub struct RetryPolicy {
     pub backoff_multiplier: f64,
     /// The longest delay, in milliseconds, whatever the strategy gives. Default: no cap.
     pub backoff_max_ms: Option<u64>,
+    /// How the delay is randomised. Default `none`.
+    pub jitter: Jitter,
     /// Retries after the first attempt. Default 3; 0 means a single attempt.
     pub max_retry_count: u32,
 }
@@ -69,6 +109,7 @@ impl Default for RetryPolicy {
             backoff_interval_ms: 1000,
             backoff_multiplier: 2.0,
             backoff_max_ms: None,
+            jitter: Jitter::None,
             max_retry_count: 3,
         }
     }
@@ -108,6 +149,22 @@ impl RetryPolicy {
         Duration::from_millis(ms)
     }
 
+    /// The delay before retry number `retry` with jitter applied, `unit` being a random draw
+    /// from [0, 1) (values outside are clamped into it).
+    pub fn jittered_delay(&self, retry: u32, unit: f64) -> Duration {
+        let delay = self.delay(retry);
+        let unit = if unit.is_finite() {
+            unit.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        match self.jitter {
+            Jitter::None => delay,
+            Jitter::Full => delay.mul_f64(unit),
+            Jitter::Equal => delay / 2 + (delay / 2).mul_f64(unit),
+        }
+    }
+
     /// Checks values no strategy can use, naming the field.
     pub fn validate(&self) -> Result<(), String> {
         if !self.backoff_multiplier.is_finite() || self.backoff_multiplier < 1.0 {
@@ -130,8 +187,35 @@ mod tests {
             backoff_interval_ms: interval,
             backoff_multiplier: multiplier,
             backoff_max_ms: cap,
+            jitter: Jitter::None,
             max_retry_count: 5,
         }
+    }
+
+    #[test]
+    fn jitter_spreads_the_delay_within_its_documented_range() {
+        let base = policy(Strategy::Fixed, 1000, 2.0, None);
+        // (jitter, random draw) → delay in ms
+        let cases = [
+            (Jitter::None, 0.3, 1000),
+            (Jitter::Full, 0.0, 0),
+            (Jitter::Full, 0.25, 250),
+            (Jitter::Full, 0.999, 999),
+            (Jitter::Equal, 0.0, 500),
+            (Jitter::Equal, 0.5, 750),
+            (Jitter::Full, 7.0, 1000),
+            (Jitter::Full, f64::NAN, 0),
+        ];
+        for (jitter, unit, expected) in cases {
+            let p = RetryPolicy {
+                jitter,
+                ..base.clone()
+            };
+            let got = p.jittered_delay(1, unit).as_millis();
+            assert_eq!(got, expected, "{jitter:?} with u = {unit}");
+        }
+        assert_eq!("equal".parse::<Jitter>(), Ok(Jitter::Equal));
+        assert!("some".parse::<Jitter>().unwrap_err().contains("`some`"));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
-use crate::backoff::{RetryPolicy, Strategy};
+use crate::backoff::{Jitter, RetryPolicy, Strategy};
 use crate::config::HostConfig;
 use crate::runtime::{PluginSet, Runtime};
 use crate::scheduler::Scheduler;
@@ -161,6 +161,9 @@ struct RetryArgs {
     /// Longest delay between attempts, in ms [default: no cap].
     #[arg(long)]
     backoff_max_ms: Option<u64>,
+    /// Randomises each delay d: none, full (0 to d) or equal (d/2 to d) [default: none].
+    #[arg(long)]
+    jitter: Option<Jitter>,
 }
 
 impl RetryArgs {
@@ -170,6 +173,7 @@ impl RetryArgs {
             && self.backoff_interval_ms.is_none()
             && self.backoff_multiplier.is_none()
             && self.backoff_max_ms.is_none()
+            && self.jitter.is_none()
     }
 
     fn policy(&self) -> RetryPolicy {
@@ -183,6 +187,7 @@ impl RetryArgs {
                 .backoff_multiplier
                 .unwrap_or(defaults.backoff_multiplier),
             backoff_max_ms: self.backoff_max_ms.or(defaults.backoff_max_ms),
+            jitter: self.jitter.unwrap_or(defaults.jitter),
             max_retry_count: self.max_retries.unwrap_or(defaults.max_retry_count),
         }
     }

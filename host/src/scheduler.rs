@@ -338,10 +338,7 @@ impl AttemptContext {
                 };
                 return self.record_failure(attempt, &failure).await;
             }
-            AttemptOutcome::Failed(Failure::Retry(message)) => {
-                let delay = self.plugin.policy_for(task).delay(task.attempt);
-                (message, delay)
-            }
+            AttemptOutcome::Failed(Failure::Retry(message)) => (message, self.backoff(task)),
             AttemptOutcome::Failed(Failure::RetryAfter(after)) => {
                 (after.message, Duration::from_millis(after.delay_ms))
             }
@@ -357,10 +354,10 @@ impl AttemptContext {
                 }
                 return;
             }
-            AttemptOutcome::Trapped { reason, message } => {
-                let delay = self.plugin.policy_for(task).delay(task.attempt);
-                (format!("{}: {message}", reason.as_str()), delay)
-            }
+            AttemptOutcome::Trapped { reason, message } => (
+                format!("{}: {message}", reason.as_str()),
+                self.backoff(task),
+            ),
         };
 
         let policy = self.plugin.policy_for(task);
@@ -384,6 +381,12 @@ impl AttemptContext {
             }
         };
         self.record_failure(attempt, &failure).await;
+    }
+
+    /// The policy's delay before retrying `task` after its current attempt.
+    fn backoff(&self, task: &Task) -> Duration {
+        let policy = self.plugin.policy_for(task);
+        policy.jittered_delay(task.attempt, rand::random::<f64>())
     }
 
     async fn record_failure(&self, attempt: &AttemptRef, failure: &FailedAttempt) {
