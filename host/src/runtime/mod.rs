@@ -12,6 +12,7 @@
 //! [`AttemptOutcome`] and the scheduler takes it from there.
 
 pub mod bindings;
+pub mod output;
 pub mod plugin;
 pub mod sandbox;
 
@@ -222,16 +223,16 @@ impl Runtime {
         task: &Task,
         signals: &AttemptSignals,
     ) -> AttemptOutcome {
-        let mut store = self.new_store(signals.clone());
         let wit_task = wit_task(task, plugin.max_attempts(task));
         let started = Instant::now();
-
-        let result = async {
-            let handler = plugin.pre().instantiate_async(&mut store).await?;
-            handler.call_handle(&mut store, &wit_task).await
-        }
-        .await;
-        store.data().flush_output();
+        let result = self
+            .call(signals, |mut store| async move {
+                let handler = plugin.pre().instantiate_async(&mut store).await?;
+                let outcome = handler.call_handle(&mut store, &wit_task).await;
+                store.data().flush_output();
+                outcome
+            })
+            .await;
 
         match result {
             Ok(Ok(output)) => match serde_json::from_str::<serde::de::IgnoredAny>(&output) {
@@ -258,24 +259,55 @@ impl Runtime {
         error: &str,
     ) -> Result<(), String> {
         let signals = AttemptSignals::new(task.progress);
-        let mut store = self.new_store(signals);
         let wit_task = wit_task(task, plugin.max_attempts(task));
         let started = Instant::now();
-
-        let result = async {
-            let handler = plugin.pre().instantiate_async(&mut store).await?;
-            handler
-                .call_on_exhausted(&mut store, &wit_task, error)
-                .await
-        }
-        .await;
-        store.data().flush_output();
+        let result = self
+            .call(&signals, |mut store| async move {
+                let handler = plugin.pre().instantiate_async(&mut store).await?;
+                let outcome = handler
+                    .call_on_exhausted(&mut store, &wit_task, error)
+                    .await;
+                store.data().flush_output();
+                outcome
+            })
+            .await;
         result.map_err(|err| classify_trap(&err, started.elapsed()).1)
     }
 
+    /// Runs `work` on a fresh store under the attempt's deadline and interrupts.
+    ///
+    /// A guest that computes is trapped by the epoch callback (see `new_store`). A guest
+    /// blocked in a host call (a WASI sleep, say) runs no code that could notice the epoch, so
+    /// the call is also raced against the deadline and the interrupt signal, a few ticks
+    /// late so that the trap, which has the better message, wins whenever it can; losing
+    /// the race drops the instance where it stands.
+    async fn call<T, F, Fut>(&self, signals: &AttemptSignals, work: F) -> wasmtime::Result<T>
+    where
+        F: FnOnce(Store<AttemptState>) -> Fut,
+        Fut: Future<Output = wasmtime::Result<T>>,
+    {
+        let timeout = self.limits.exec_timeout;
+        let deadline = Instant::now() + timeout;
+        let store = self.new_store(signals.clone(), deadline);
+        let backstop = async {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline.into()) => {}
+                _ = signals.interrupted() => {}
+            }
+            tokio::time::sleep(EPOCH_TICK * 3).await;
+        };
+        tokio::select! {
+            result = work(store) => result,
+            _ = backstop => Err(wasmtime::Error::new(match signals.interrupt_cause() {
+                Some(_) => Interrupt::Cancelled,
+                None => Interrupt::Timeout(timeout),
+            })),
+        }
+    }
+
     /// A store for one instance: limits, fuel, and the epoch callback that enforces the
-    /// deadline and cancellation while yielding at every tick.
-    fn new_store(&self, signals: AttemptSignals) -> Store<AttemptState> {
+    /// deadline and interrupts while yielding at every tick.
+    fn new_store(&self, signals: AttemptSignals, deadline: Instant) -> Store<AttemptState> {
         let state = AttemptState::new(signals, self.limits.memory_bytes);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limits);
@@ -286,10 +318,9 @@ impl Runtime {
         }
 
         let timeout = self.limits.exec_timeout;
-        let deadline = Instant::now() + timeout;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |ctx| {
-            if ctx.data().signals().is_cancelled() {
+            if ctx.data().signals().interrupt_cause().is_some() {
                 return Err(wasmtime::Error::new(Interrupt::Cancelled));
             }
             if Instant::now() >= deadline {
@@ -338,14 +369,25 @@ fn classify_trap(err: &wasmtime::Error, elapsed: Duration) -> (TrapReason, Strin
         };
         return (reason, format!("{what} after {elapsed:?}"));
     }
-    // With trap-on-grow-failure, a memory cap violation is an error whose root cause names
-    // the failed grow rather than a `Trap` variant.
-    let chain = format!("{err:#}");
-    if chain.contains("memory") && (chain.contains("grow") || chain.contains("limit")) {
+    if let Some(exit) = err.downcast_ref::<wasmtime_wasi::I32Exit>() {
         return (
-            TrapReason::MemoryLimit,
-            format!("went over its memory limit: {chain}"),
+            TrapReason::Trap,
+            format!(
+                "the plugin exited with status {} instead of returning",
+                exit.0
+            ),
         );
     }
-    (TrapReason::Trap, format!("failed: {chain}"))
+    // The root cause says what happened; the rest of the chain is a wasm backtrace, too
+    // long for a task's error.
+    let cause = err.root_cause().to_string();
+    // With trap-on-grow-failure, a memory cap violation is an error whose root cause names
+    // the failed grow rather than a `Trap` variant.
+    if cause.contains("memory") && (cause.contains("grow") || cause.contains("limit")) {
+        return (
+            TrapReason::MemoryLimit,
+            format!("went over its memory limit: {cause}"),
+        );
+    }
+    (TrapReason::Trap, format!("failed: {cause}"))
 }

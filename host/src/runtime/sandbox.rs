@@ -8,48 +8,104 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
+use tokio::sync::Notify;
 use wasmtime::component::ResourceTable;
 use wasmtime::{StoreLimits, StoreLimitsBuilder};
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::Level;
 use super::bindings::rebound::plugin::{host, types};
+use super::output::GuestOutput;
 
-/// How much of the guest's stdout and of its stderr the host keeps per attempt, in bytes.
-/// A guest that writes more gets a write error (a Rust guest's `println!` then panics).
-pub const OUTPUT_CAPTURE_BYTES: usize = 64 * 1024;
+/// Why the host interrupted an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum InterruptCause {
+    /// The host is shutting down and the grace period is over.
+    Shutdown = 1,
+    /// Another host took the task over after this host's lease ran out.
+    LeaseLost = 2,
+    /// Someone canceled the task.
+    Canceled = 3,
+}
 
 /// Signals shared between a running attempt and the host that runs it.
 #[derive(Debug, Clone, Default)]
 pub struct AttemptSignals {
-    cancelled: Arc<AtomicBool>,
-    progress: Arc<AtomicU8>,
+    inner: Arc<Signals>,
+}
+
+#[derive(Debug, Default)]
+struct Signals {
+    /// What the guest's `cancelled()` returns: the host would like the attempt to end.
+    stop_requested: AtomicBool,
+    /// 0, or the `InterruptCause` that ends the attempt now.
+    interrupt: AtomicU8,
+    /// Wakes the runtime when `interrupt` is set, for a guest blocked in a host call.
+    interrupted: Notify,
+    progress: AtomicU8,
 }
 
 impl AttemptSignals {
     /// Signals for an attempt of a task whose stored progress is `progress`.
     pub fn new(progress: u8) -> Self {
-        AttemptSignals {
-            cancelled: Arc::new(AtomicBool::new(false)),
-            progress: Arc::new(AtomicU8::new(progress.min(100))),
+        let signals = AttemptSignals::default();
+        signals
+            .inner
+            .progress
+            .store(progress.min(100), Ordering::Relaxed);
+        signals
+    }
+
+    /// Asks the attempt to end soon: the guest's `cancelled()` returns true from now on,
+    /// but the instance is not stopped.
+    pub fn request_stop(&self) {
+        self.inner.stop_requested.store(true, Ordering::Relaxed);
+    }
+
+    /// Stops the attempt: the instance is trapped at its next epoch check, or dropped if it
+    /// is blocked in a host call. The first cause given is the one that counts.
+    pub fn interrupt(&self, cause: InterruptCause) {
+        self.request_stop();
+        let _ = self.inner.interrupt.compare_exchange(
+            0,
+            cause as u8,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        self.inner.interrupted.notify_waiters();
+    }
+
+    /// Whether the guest was asked to end soon.
+    pub fn is_stop_requested(&self) -> bool {
+        self.inner.stop_requested.load(Ordering::Relaxed)
+    }
+
+    /// Why the attempt was interrupted, if it was.
+    pub fn interrupt_cause(&self) -> Option<InterruptCause> {
+        match self.inner.interrupt.load(Ordering::Relaxed) {
+            1 => Some(InterruptCause::Shutdown),
+            2 => Some(InterruptCause::LeaseLost),
+            3 => Some(InterruptCause::Canceled),
+            _ => None,
         }
     }
 
-    /// Asks the attempt to stop: the guest's `cancelled()` returns true from now on, and the
-    /// instance is interrupted at its next epoch check.
-    pub fn cancel(&self) {
-        self.cancelled.store(true, Ordering::Relaxed);
-    }
-
-    /// Whether the attempt was asked to stop.
-    pub fn is_cancelled(&self) -> bool {
-        self.cancelled.load(Ordering::Relaxed)
+    /// Completes once the attempt is interrupted.
+    pub async fn interrupted(&self) {
+        let notified = self.inner.interrupted.notified();
+        tokio::pin!(notified);
+        // Registered before the check, so an interrupt between the two is not missed.
+        notified.as_mut().enable();
+        if self.interrupt_cause().is_some() {
+            return;
+        }
+        notified.await;
     }
 
     /// The highest progress the guest has reported.
     pub fn progress(&self) -> u8 {
-        self.progress.load(Ordering::Relaxed)
+        self.inner.progress.load(Ordering::Relaxed)
     }
 
     /// Raises the progress to `percent`, ignoring values that would lower it or exceed 100.
@@ -58,7 +114,7 @@ impl AttemptSignals {
         if percent > 100 {
             return false;
         }
-        self.progress.fetch_max(percent, Ordering::Relaxed);
+        self.inner.progress.fetch_max(percent, Ordering::Relaxed);
         true
     }
 }
@@ -69,15 +125,15 @@ pub struct AttemptState {
     table: ResourceTable,
     pub(super) limits: StoreLimits,
     signals: AttemptSignals,
-    stdout: MemoryOutputPipe,
-    stderr: MemoryOutputPipe,
+    stdout: GuestOutput,
+    stderr: GuestOutput,
 }
 
 impl AttemptState {
     /// A sandbox with `memory_limit` bytes for all of the instance's linear memories.
     pub fn new(signals: AttemptSignals, memory_limit: usize) -> Self {
-        let stdout = MemoryOutputPipe::new(OUTPUT_CAPTURE_BYTES);
-        let stderr = MemoryOutputPipe::new(OUTPUT_CAPTURE_BYTES);
+        let stdout = GuestOutput::new("stdout");
+        let stderr = GuestOutput::new("stderr");
         let wasi = WasiCtxBuilder::new()
             .stdout(stdout.clone())
             .stderr(stderr.clone())
@@ -109,16 +165,11 @@ impl AttemptState {
         &self.signals
     }
 
-    /// Writes what the guest printed to the host log, line by line. The caller's span (one
-    /// per attempt) tags each line with the task id, queue and attempt.
+    /// Logs the end of what the guest printed: an unfinished last line, and how much went
+    /// over the limit. Complete lines were logged as they were written.
     pub fn flush_output(&self) {
-        let streams = [("stdout", &self.stdout), ("stderr", &self.stderr)];
-        for (stream, pipe) in streams {
-            let bytes = pipe.contents();
-            for line in String::from_utf8_lossy(&bytes).lines() {
-                tracing::info!(target: "rebound::guest", stream, "{line}");
-            }
-        }
+        self.stdout.finish();
+        self.stderr.finish();
     }
 }
 
@@ -153,13 +204,35 @@ impl host::Host for AttemptState {
     }
 
     fn cancelled(&mut self) -> bool {
-        self.signals.is_cancelled()
+        self.signals.is_stop_requested()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn interrupt_wakes_a_waiter_and_the_first_cause_counts() {
+        let signals = AttemptSignals::new(0);
+        signals.request_stop();
+        assert!(signals.is_stop_requested());
+        assert_eq!(signals.interrupt_cause(), None);
+
+        let waiter = tokio::spawn({
+            let signals = signals.clone();
+            async move { signals.interrupted().await }
+        });
+        signals.interrupt(InterruptCause::Canceled);
+        signals.interrupt(InterruptCause::Shutdown);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter wakes")
+            .unwrap();
+        assert_eq!(signals.interrupt_cause(), Some(InterruptCause::Canceled));
+        // Interrupted already: waiting returns at once.
+        signals.interrupted().await;
+    }
 
     #[test]
     fn progress_only_goes_up_and_stays_within_100() {
