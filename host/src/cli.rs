@@ -71,6 +71,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Cancel a task: a waiting one at once, a running one is stopped by its host.
+    Cancel {
+        /// The task's id.
+        id: String,
+    },
+    /// Run a failed or canceled task again, with a fresh retry budget.
+    Retry {
+        /// The task's id.
+        id: String,
+    },
     /// Show how many tasks each queue has in each state.
     Stats {
         /// Print the counts as JSON.
@@ -101,8 +111,8 @@ struct RunArgs {
     #[arg(long)]
     fuel: Option<u64>,
     /// Memory cap of one instance, in MiB.
-    #[arg(long, default_value_t = 256)]
-    memory_mb: usize,
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    memory_mb: u32,
     /// How long running tasks may finish after Ctrl-C before they are interrupted and
     /// handed back, in ms.
     #[arg(long, default_value_t = 30_000)]
@@ -143,25 +153,29 @@ struct SubmitArgs {
     json: bool,
 }
 
-/// Retry policy flags; unset ones take the defaults of [`RetryPolicy`].
+/// Retry policy flags. For `run` they set the policy of tasks submitted without one, and
+/// unset flags take the defaults below. For `submit`, no flag at all leaves the task to the
+/// host's policy; any flag gives the task a policy of its own, with the defaults below for
+/// the flags not given.
 #[derive(Debug, Args)]
 struct RetryArgs {
-    /// Retries after the first attempt [default: 3].
+    /// Retries after the first attempt (3 when unset).
     #[arg(long)]
     max_retries: Option<u32>,
-    /// How the delay between attempts grows [default: exponential].
+    /// How the delay between attempts grows: fixed, linear or exponential (exponential
+    /// when unset).
     #[arg(long)]
     backoff: Option<Strategy>,
-    /// Base delay between attempts, in ms [default: 1000].
+    /// Base delay between attempts, in ms (1000 when unset).
     #[arg(long)]
     backoff_interval_ms: Option<u64>,
-    /// Growth factor of the exponential strategy [default: 2].
+    /// Growth factor of the exponential strategy (2 when unset).
     #[arg(long)]
     backoff_multiplier: Option<f64>,
-    /// Longest delay between attempts, in ms [default: no cap].
+    /// Longest delay between attempts, in ms (no cap when unset).
     #[arg(long)]
     backoff_max_ms: Option<u64>,
-    /// Randomises each delay d: none, full (0 to d) or equal (d/2 to d) [default: none].
+    /// Randomises each delay d: none, full (0 to d) or equal (d/2 to d) (none when unset).
     #[arg(long)]
     jitter: Option<Jitter>,
 }
@@ -244,16 +258,21 @@ fn init_logging(format: LogFormat) {
 
 /// Runs one parsed command.
 pub async fn execute(cli: Cli) -> anyhow::Result<()> {
-    let store = open_store(&cli.store).await?;
+    // Only commands that add tasks, or a host that waits for them, create a new store: a
+    // mistyped path given to `get` is an error, not an empty store.
+    let creates = matches!(cli.command, Command::Run(_) | Command::Submit(_));
+    let store = open_store(&cli.store, creates).await?;
     match cli.command {
         Command::Run(args) => run(store, args).await,
         Command::Submit(args) => submit(store.as_ref(), args).await,
         Command::Get { id, json } => get(store.as_ref(), &id, json).await,
+        Command::Cancel { id } => cancel(store.as_ref(), &id).await,
+        Command::Retry { id } => retry(store.as_ref(), &id).await,
         Command::Stats { json } => stats(store.as_ref(), json).await,
     }
 }
 
-async fn open_store(args: &StoreArgs) -> anyhow::Result<SharedStore> {
+async fn open_store(args: &StoreArgs, create: bool) -> anyhow::Result<SharedStore> {
     if let Some(url) = &args.redis {
         let store = RedisStore::connect(url).await?;
         return Ok(Arc::new(store));
@@ -262,6 +281,13 @@ async fn open_store(args: &StoreArgs) -> anyhow::Result<SharedStore> {
         Some(path) => path.clone(),
         None => default_data_path()?,
     };
+    if !create && !path.exists() {
+        bail!(
+            "no task store at {}: nothing was submitted there yet (--data or REBOUND_DATA \
+             names another file, --redis a Redis server)",
+            path.display()
+        );
+    }
     let store = EmbeddedStore::open(&path)?;
     Ok(Arc::new(store))
 }
@@ -285,7 +311,9 @@ async fn run(store: SharedStore, args: RunArgs) -> anyhow::Result<()> {
         limits: crate::runtime::SandboxLimits {
             exec_timeout: Duration::from_millis(args.exec_timeout_ms),
             fuel: args.fuel,
-            memory_bytes: args.memory_mb.saturating_mul(1024 * 1024),
+            memory_bytes: usize::try_from(args.memory_mb)
+                .unwrap_or(usize::MAX)
+                .saturating_mul(1024 * 1024),
         },
         retry: args.retry.policy(),
         concurrency: args.concurrency,
@@ -392,6 +420,20 @@ async fn get(store: &dyn crate::store::Store, id: &str, json: bool) -> anyhow::R
     Ok(())
 }
 
+async fn cancel(store: &dyn crate::store::Store, id: &str) -> anyhow::Result<()> {
+    match store.cancel(id).await? {
+        TaskState::Running => emit(&format!(
+            "task {id} is running: its host stops it within a second and it ends canceled"
+        )),
+        state => emit(&format!("task {id} is {state}")),
+    }
+}
+
+async fn retry(store: &dyn crate::store::Store, id: &str) -> anyhow::Result<()> {
+    let task = store.retry(id).await?;
+    emit(&format!("task {} is {} again", task.id, task.state))
+}
+
 /// The human-readable form of a task, one field a line.
 fn describe(task: &Task) -> String {
     let mut out = String::new();
@@ -422,6 +464,15 @@ fn describe(task: &Task) -> String {
     if let Some(error) = &task.last_error {
         line("error", error);
     }
+    if task.lease_losses > 0 {
+        line(
+            "leases",
+            &format!("lost {} time(s) by hosts that died", task.lease_losses),
+        );
+    }
+    if task.cancel_requested {
+        line("cancel", "requested; its host is stopping it");
+    }
     if task.exhausted_hook_runs > 0 {
         line(
             "exhausted",
@@ -432,6 +483,11 @@ fn describe(task: &Task) -> String {
 }
 
 fn timestamp(ms: u64) -> String {
+    // RFC 3339 has four-digit years; anything later is shown as it is stored.
+    const YEAR_10000_MS: u64 = 253_402_300_800_000;
+    if ms >= YEAR_10000_MS {
+        return format!("{ms} ms after the Unix epoch");
+    }
     let time = UNIX_EPOCH + Duration::from_millis(ms);
     humantime::format_rfc3339_millis(time).to_string()
 }

@@ -15,9 +15,13 @@
 //! because their host died, so no task stays `running` forever. A host that finds its lease
 //! taken over interrupts the attempt; the store would refuse its outcome anyway.
 //!
-//! Shutdown: the worker stops claiming, lets running attempts finish within
-//! `shutdown_grace`, then interrupts the rest and hands them back to the store without
-//! charging them the attempt.
+//! Cancellation: a worker with running attempts asks the store every [`CANCEL_POLL`] which of
+//! its tasks were canceled, and interrupts those; they end `canceled`.
+//!
+//! Shutdown: the worker stops claiming and tells running attempts (their `cancelled()` turns
+//! true), lets them finish within `shutdown_grace`, then interrupts the rest. Interrupted
+//! attempts, and attempts that ask for a retry while the host shuts down, are handed back to
+//! the store without being charged.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,13 +33,16 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::config::HostConfig;
 use crate::runtime::bindings::Failure;
-use crate::runtime::sandbox::AttemptSignals;
+use crate::runtime::sandbox::{AttemptSignals, InterruptCause};
 use crate::runtime::{AttemptOutcome, Plugin, PluginSet, Runtime, TrapReason};
-use crate::store::{AttemptRef, FailedAttempt, NextStep, SharedStore, StoreError};
-use crate::task::Task;
+use crate::store::{AttemptRef, FailedAttempt, NextStep, Requeued, SharedStore, StoreError};
+use crate::task::{MAX_DELAY_MS, Task, bounded_error};
 
 /// How often a running attempt's progress is written to the store, when it changed.
 const PROGRESS_FLUSH: Duration = Duration::from_millis(500);
+/// How often a worker with running attempts asks the store which were canceled; with the
+/// epoch tick, a canceled task stops within about this long.
+const CANCEL_POLL: Duration = Duration::from_millis(250);
 /// How many times a store write that failed is tried again before the host gives up on it.
 const REPORT_TRIES: u32 = 8;
 
@@ -95,7 +102,7 @@ impl Scheduler {
     }
 }
 
-/// The attempts one worker is running, so that shutdown can interrupt them.
+/// The attempts one worker is running, by task id, so they can be asked to stop.
 type RunningAttempts = Arc<Mutex<HashMap<String, AttemptSignals>>>;
 
 /// Claims and runs the tasks of one queue.
@@ -110,18 +117,30 @@ struct QueueWorker {
 }
 
 impl QueueWorker {
-    async fn run(self, mut stop: watch::Receiver<bool>) {
-        let queue = self.plugin.name().to_owned();
+    /// Claims and runs tasks until `stop`, then drains. Maintenance (cancel requests,
+    /// expired leases) goes on alongside, through the drain.
+    async fn run(self, stop: watch::Receiver<bool>) {
         let mut attempts = JoinSet::new();
+        let maintenance = self.maintain();
+        tokio::pin!(maintenance);
+        tokio::select! {
+            _ = self.claim_until_stopped(stop.clone(), &mut attempts) => {}
+            _ = &mut maintenance => {}
+        }
+        tokio::select! {
+            _ = self.drain(attempts) => {}
+            _ = &mut maintenance => {}
+        }
+    }
+
+    async fn claim_until_stopped(
+        &self,
+        mut stop: watch::Receiver<bool>,
+        attempts: &mut JoinSet<()>,
+    ) {
+        let queue = self.plugin.name();
         let mut claim_errors = 0u32;
-        let mut last_requeue = tokio::time::Instant::now();
-
         while !*stop.borrow() {
-            if last_requeue.elapsed() >= self.config.lease_renewal() {
-                last_requeue = tokio::time::Instant::now();
-                self.requeue_expired(&queue).await;
-            }
-
             // Wait for a free slot first, so nothing is claimed that cannot start at once.
             let first = tokio::select! {
                 permit = self.slots.clone().acquire_owned() => permit.expect("never closed"),
@@ -135,7 +154,7 @@ impl QueueWorker {
                 }
             }
 
-            let claimed = match self.claim(&queue, slots.len()).await {
+            let claimed = match self.claim(queue, slots.len()).await {
                 Ok(tasks) => {
                     claim_errors = 0;
                     tasks
@@ -152,7 +171,7 @@ impl QueueWorker {
             let idle = claimed.len() < slots.len();
             for task in claimed {
                 let permit = slots.pop().expect("never claims more tasks than slots");
-                attempts.spawn(self.attempt(task, permit));
+                attempts.spawn(self.attempt(task, permit, stop.clone()));
             }
             drop(slots);
             while attempts.try_join_next().is_some() {}
@@ -164,8 +183,6 @@ impl QueueWorker {
                 }
             }
         }
-
-        self.drain(attempts).await;
     }
 
     async fn claim(&self, queue: &str, max: usize) -> Result<Vec<Task>, StoreError> {
@@ -174,14 +191,52 @@ impl QueueWorker {
             .await
     }
 
+    /// Runs forever: interrupts running attempts whose task was canceled, and takes back
+    /// the queue's tasks whose host stopped renewing their lease.
+    async fn maintain(&self) {
+        let mut last_requeue = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(CANCEL_POLL).await;
+            self.interrupt_canceled().await;
+            if last_requeue.elapsed() >= self.config.lease_renewal() {
+                last_requeue = tokio::time::Instant::now();
+                self.requeue_expired().await;
+            }
+        }
+    }
+
+    /// Interrupts the running attempts whose cancellation was asked for.
+    async fn interrupt_canceled(&self) {
+        if self.running.lock().expect("poisoned").is_empty() {
+            return;
+        }
+        let queue = self.plugin.name();
+        let requests = match self.store.cancel_requests(queue).await {
+            Ok(ids) => ids,
+            Err(err) => {
+                debug!(%queue, error = %err, "cancel requests not read");
+                return;
+            }
+        };
+        let running = self.running.lock().expect("poisoned");
+        for id in requests {
+            if let Some(signals) = running.get(&id) {
+                info!(%queue, task_id = %id, "canceling a running task");
+                signals.interrupt(InterruptCause::Canceled);
+            }
+        }
+    }
+
     /// Takes back the queue's tasks whose host stopped renewing their lease.
-    async fn requeue_expired(&self, queue: &str) {
+    async fn requeue_expired(&self) {
+        let queue = self.plugin.name();
         let max_losses = self.config.max_lease_losses;
         match self.store.requeue_expired(queue, 1000, max_losses).await {
-            Ok(done) if done.requeued + done.failed > 0 => warn!(
+            Ok(done) if done != Requeued::default() => warn!(
                 %queue,
                 requeued = done.requeued,
                 failed = done.failed,
+                canceled = done.canceled,
                 "took back tasks whose lease expired"
             ),
             Ok(_) => {}
@@ -189,28 +244,31 @@ impl QueueWorker {
         }
     }
 
-    /// Waits for running attempts up to the grace period, then interrupts the rest and waits
-    /// for them to record how they ended.
+    /// Asks running attempts to finish, waits for them up to the grace period, then
+    /// interrupts the rest and waits for them to be handed back.
     async fn drain(&self, mut attempts: JoinSet<()>) {
-        let grace = self.config.shutdown_grace;
+        let running = || -> Vec<AttemptSignals> {
+            let running = self.running.lock().expect("poisoned");
+            running.values().cloned().collect()
+        };
+        for signals in running() {
+            signals.request_stop();
+        }
         let all_done = async { while attempts.join_next().await.is_some() {} };
-        if tokio::time::timeout(grace, all_done).await.is_ok() {
+        if tokio::time::timeout(self.config.shutdown_grace, all_done)
+            .await
+            .is_ok()
+        {
             return;
         }
-        let running: Vec<AttemptSignals> = self
-            .running
-            .lock()
-            .expect("poisoned")
-            .values()
-            .cloned()
-            .collect();
+        let left = running();
         warn!(
             queue = self.plugin.name(),
-            tasks = running.len(),
+            tasks = left.len(),
             "shutdown grace period over, interrupting running tasks"
         );
-        for signals in running {
-            signals.cancel();
+        for signals in left {
+            signals.interrupt(InterruptCause::Shutdown);
         }
         while attempts.join_next().await.is_some() {}
     }
@@ -220,6 +278,7 @@ impl QueueWorker {
         &self,
         task: Task,
         slot: OwnedSemaphorePermit,
+        stop: watch::Receiver<bool>,
     ) -> impl Future<Output = ()> + Send + 'static {
         let span =
             info_span!("attempt", task_id = %task.id, queue = %task.queue, attempt = task.attempt);
@@ -229,6 +288,7 @@ impl QueueWorker {
             plugin: self.plugin.clone(),
             running: self.running.clone(),
             lease: self.config.lease,
+            stop,
         };
         async move {
             ctx.run(task).await;
@@ -245,6 +305,8 @@ struct AttemptContext {
     plugin: Arc<Plugin>,
     running: RunningAttempts,
     lease: Duration,
+    /// True once the host is shutting down.
+    stop: watch::Receiver<bool>,
 }
 
 impl AttemptContext {
@@ -258,8 +320,7 @@ impl AttemptContext {
         debug!("attempt started");
 
         let outcome = self.execute(&task, &attempt, &signals).await;
-        self.record(&task, &attempt, outcome, signals.progress())
-            .await;
+        self.record(&task, &attempt, outcome, &signals).await;
 
         self.running.lock().expect("poisoned").remove(&task.id);
     }
@@ -301,7 +362,7 @@ impl AttemptContext {
             Ok(()) => {}
             Err(err @ StoreError::LeaseLost { .. }) => {
                 warn!(error = %err, "lease lost, stopping the attempt");
-                signals.cancel();
+                signals.interrupt(InterruptCause::LeaseLost);
             }
             // The store is unreachable; the next renewal may get through before the lease
             // runs out.
@@ -315,8 +376,17 @@ impl AttemptContext {
         task: &Task,
         attempt: &AttemptRef,
         outcome: AttemptOutcome,
-        progress: u8,
+        signals: &AttemptSignals,
     ) {
+        let progress = signals.progress();
+        if self.hand_back(&outcome, signals) {
+            match with_retries("release", || self.store.release(attempt, progress)).await {
+                Ok(()) => info!("task handed back"),
+                Err(err) => report_lost(&err),
+            }
+            return;
+        }
+
         let (error, retry_in) = match outcome {
             AttemptOutcome::Completed(output) => {
                 let done = with_retries("complete", || {
@@ -331,7 +401,7 @@ impl AttemptContext {
             }
             AttemptOutcome::Failed(Failure::Fatal(message)) => {
                 let failure = FailedAttempt {
-                    error: message,
+                    error: bounded_error(message),
                     next: NextStep::Fail,
                     exhausted_hook_ran: false,
                     progress,
@@ -344,15 +414,17 @@ impl AttemptContext {
             }
             AttemptOutcome::Trapped {
                 reason: TrapReason::Canceled,
-                ..
+                message,
             } => {
-                // Stopped by this host (shutdown, or a lease taken over): not the task's
-                // fault, so it goes back uncharged.
-                match with_retries("release", || self.store.release(attempt, progress)).await {
-                    Ok(()) => info!("task handed back"),
-                    Err(err) => report_lost(&err),
-                }
-                return;
+                // Canceled on request: the store ends the task `canceled`, as it knows the
+                // request, whatever the next step says.
+                let failure = FailedAttempt {
+                    error: format!("{}: {message}", TrapReason::Canceled.as_str()),
+                    next: NextStep::Fail,
+                    exhausted_hook_ran: false,
+                    progress,
+                };
+                return self.record_failure(attempt, &failure).await;
             }
             AttemptOutcome::Trapped { reason, message } => (
                 format!("{}: {message}", reason.as_str()),
@@ -360,6 +432,8 @@ impl AttemptContext {
             ),
         };
 
+        let error = bounded_error(error);
+        let retry_in = retry_in.min(Duration::from_millis(MAX_DELAY_MS));
         let policy = self.plugin.policy_for(task);
         let failure = if policy.allows_retry_after(task.attempt) {
             FailedAttempt {
@@ -381,6 +455,23 @@ impl AttemptContext {
             }
         };
         self.record_failure(attempt, &failure).await;
+    }
+
+    /// Whether the attempt ends by handing the task back uncharged rather than by recording
+    /// its outcome: when this host stopped it (shutdown, or a lease taken over), and when the
+    /// handler asked for a retry while the host was shutting down (it was told to stop).
+    fn hand_back(&self, outcome: &AttemptOutcome, signals: &AttemptSignals) -> bool {
+        match signals.interrupt_cause() {
+            Some(InterruptCause::Shutdown | InterruptCause::LeaseLost) => return true,
+            Some(InterruptCause::Canceled) => return false,
+            None => {}
+        }
+        let shutting_down = *self.stop.borrow();
+        shutting_down
+            && matches!(
+                outcome,
+                AttemptOutcome::Failed(Failure::Retry(_) | Failure::RetryAfter(_))
+            )
     }
 
     /// The policy's delay before retrying `task` after its current attempt.

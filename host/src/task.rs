@@ -18,6 +18,11 @@ pub const MAX_PRIORITY: i32 = 1000;
 pub const ERROR_HISTORY_LEN: usize = 5;
 /// The longest task id accepted, in bytes.
 pub const MAX_ID_LEN: usize = 200;
+/// The longest delay before a task runs or is retried: 366 days, in milliseconds. Longer
+/// delays given at submission are refused; longer backoffs are cut to it.
+pub const MAX_DELAY_MS: u64 = 366 * 24 * 60 * 60 * 1000;
+/// The longest error text a task keeps, in bytes; the rest is cut off.
+pub const MAX_ERROR_LEN: usize = 4096;
 
 /// Where a task is in its life.
 ///
@@ -146,6 +151,9 @@ pub struct Task {
     /// How many times a host lost the task's lease (died or stalled) while running it.
     /// Such attempts are not charged to the retry budget.
     pub lease_losses: u32,
+    /// Whether cancellation was asked for while the task ran; its host stops it.
+    #[serde(default)]
+    pub cancel_requested: bool,
     /// When the task was created, in ms since the Unix epoch.
     pub created_ms: u64,
     /// When the task last changed state, in ms since the Unix epoch.
@@ -200,11 +208,30 @@ impl NewTask {
                 self.priority
             ));
         }
+        if self.delay_ms > MAX_DELAY_MS {
+            return Err(format!(
+                "delay_ms {} is too long: at most {MAX_DELAY_MS} (366 days)",
+                self.delay_ms
+            ));
+        }
         if let Some(policy) = &self.retry {
             policy.validate()?;
         }
         Ok(())
     }
+}
+
+/// `error` cut to at most [`MAX_ERROR_LEN`] bytes (on a character boundary), saying how much
+/// was cut, so that a handler's huge message cannot bloat the store or the log.
+pub fn bounded_error(error: String) -> String {
+    if error.len() <= MAX_ERROR_LEN {
+        return error;
+    }
+    let mut end = MAX_ERROR_LEN;
+    while !error.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} more bytes cut)", &error[..end], error.len() - end)
 }
 
 /// A queue name is also a plugin file name and part of every Redis key of the queue, so it is
@@ -296,6 +323,15 @@ mod tests {
     }
 
     #[test]
+    fn long_errors_are_cut_on_a_character_boundary() {
+        assert_eq!(bounded_error("short".into()), "short");
+        let long = "é".repeat(MAX_ERROR_LEN);
+        let cut = bounded_error(long.clone());
+        assert!(cut.len() < MAX_ERROR_LEN + 40, "{}", cut.len());
+        assert!(cut.ends_with(&format!("({} more bytes cut)", long.len() - MAX_ERROR_LEN)));
+    }
+
+    #[test]
     fn validation_names_the_bad_field() {
         let cases = [
             (NewTask::new("", "{}"), "queue name"),
@@ -314,6 +350,13 @@ mod tests {
                     ..NewTask::new("echo", "{}")
                 },
                 "priority",
+            ),
+            (
+                NewTask {
+                    delay_ms: MAX_DELAY_MS + 1,
+                    ..NewTask::new("echo", "{}")
+                },
+                "delay_ms",
             ),
         ];
         for (task, expected) in cases {

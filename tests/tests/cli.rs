@@ -255,6 +255,13 @@ fn bad_input_is_refused_with_a_message_that_names_it() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 
+    // Read-only commands do not create a store where there is none.
+    let elsewhere = data.path().join("typo").join("tasks.db");
+    let out = rebound(&["--data", elsewhere.to_str().unwrap()], &["stats"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no task store at"));
+    assert!(!elsewhere.exists());
+
     // The duplicate id is refused and the original task is untouched.
     submit(&store, "echo", "{}", &["--id", "dup"]);
     let out = rebound(
@@ -264,6 +271,33 @@ fn bad_input_is_refused_with_a_message_that_names_it() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("task `dup` already exists"));
     let task: Value = serde_json::from_str(&rebound_ok(&store, &["get", "dup", "--json"])).unwrap();
     assert_eq!(task["params"], "{}");
+}
+
+#[test]
+fn cancel_and_retry_from_the_command_line() {
+    let data = tempfile::tempdir().unwrap();
+    let db = data.path().join("tasks.db");
+    let store = ["--data", db.to_str().unwrap()];
+
+    let id = submit(&store, "echo", "{}", &["--delay-ms", "60000"]);
+    assert!(rebound_ok(&store, &["cancel", &id]).contains("is canceled"));
+    let out = rebound(&store, &["cancel", &id]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("cannot cancel task") && stderr.contains("it is canceled"),
+        "{stderr}"
+    );
+
+    assert!(rebound_ok(&store, &["retry", &id]).contains("is pending again"));
+    let out = rebound(&store, &["retry", &id]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only failed or canceled"));
+
+    // Back in the queue: a host runs it now.
+    let plugins = plugin_dir(&["echo"]);
+    let host = start_host(&store, plugins.path());
+    assert_eq!(wait_final(&store, &id)["state"], "completed");
+    stop_host(host);
 }
 
 #[test]

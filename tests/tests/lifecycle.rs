@@ -231,6 +231,72 @@ async fn spinning_task_times_out_while_others_run(backend: Backend) {
     host.shutdown().await;
 }
 
+async fn deadline_stops_a_guest_blocked_in_a_wasi_sleep(backend: Backend) {
+    let store = TestStore::new(backend).await.unwrap();
+    let config = rebound::config::HostConfig {
+        limits: SandboxLimits {
+            exec_timeout: Duration::from_millis(500),
+            ..SandboxLimits::default()
+        },
+        ..test_config()
+    };
+    let host = TestHost::start(store.store.clone(), &["sleepy"], config);
+    let created = store
+        .store
+        .create(task(
+            "sleepy",
+            json!({"ms": 3_600_000, "sleep": true}),
+            Some(fixed(10, 0)),
+        ))
+        .await
+        .unwrap();
+    let failed = wait_until_final(store.store.as_ref(), &created.id, LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(failed.state, TaskState::Failed);
+    let error = failed.last_error.unwrap();
+    assert!(error.starts_with("timeout:"), "{error}");
+    let ran = failed.finished_ms.unwrap() - failed.started_ms.unwrap();
+    assert!(ran < 1500, "a 500 ms deadline let the sleep run {ran} ms");
+    // The host is not stuck on the dropped instance: it shuts down at once.
+    tokio::time::timeout(Duration::from_secs(5), host.shutdown())
+        .await
+        .expect("the host shuts down");
+}
+
+async fn canceling_a_running_task_stops_it_for_good(backend: Backend) {
+    let store = TestStore::new(backend).await.unwrap();
+    let host = TestHost::start(store.store.clone(), &["sleepy"], test_config());
+    for params in [json!({"ms": 60_000}), json!({"ms": 60_000, "sleep": true})] {
+        let created = store
+            .store
+            .create(task("sleepy", params, Some(fixed(10, 5))))
+            .await
+            .unwrap();
+        wait_for_state(store.store.as_ref(), &created.id, TaskState::Running, LIMIT)
+            .await
+            .unwrap();
+
+        let asked = std::time::Instant::now();
+        assert_eq!(
+            store.store.cancel(&created.id).await.unwrap(),
+            TaskState::Running
+        );
+        let done = wait_until_final(store.store.as_ref(), &created.id, LIMIT)
+            .await
+            .unwrap();
+        let took = asked.elapsed();
+        assert_eq!(done.state, TaskState::Canceled, "{done:#?}");
+        assert!(took < Duration::from_secs(1), "stopping took {took:?}");
+
+        // Never run again, although it had retries left.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let later = store.store.get(&created.id).await.unwrap().unwrap();
+        assert_eq!((later.state, later.attempt), (TaskState::Canceled, 1));
+    }
+    host.shutdown().await;
+}
+
 async fn fuel_budget_stops_long_work_and_lets_short_work_finish(backend: Backend) {
     let store = TestStore::new(backend).await.unwrap();
     let config = rebound::config::HostConfig {
@@ -349,6 +415,8 @@ rebound_tests::on_both_stores!(
     retry_after_waits_the_handlers_delay,
     spinning_task_times_out_while_others_run,
     fuel_budget_stops_long_work_and_lets_short_work_finish,
+    deadline_stops_a_guest_blocked_in_a_wasi_sleep,
+    canceling_a_running_task_stops_it_for_good,
     two_hosts_never_run_a_task_twice,
     shutdown_hands_running_tasks_back_uncharged,
 );

@@ -282,7 +282,8 @@ async fn expired_leases_are_taken_back_without_charging_an_attempt(backend: Back
         done,
         Requeued {
             requeued: 1,
-            failed: 0
+            failed: 0,
+            canceled: 0
         }
     );
 
@@ -315,11 +316,13 @@ async fn too_many_lease_losses_fail_the_task(backend: Backend) {
             Requeued {
                 requeued: 1,
                 failed: 0,
+                canceled: 0,
             }
         } else {
             Requeued {
                 requeued: 0,
                 failed: 1,
+                canceled: 0,
             }
         };
         assert_eq!(done, expected, "round {round}");
@@ -358,6 +361,182 @@ async fn release_hands_a_task_back_uncharged(backend: Backend) {
     assert_eq!(again[0].id, "r");
     assert_eq!(again[0].attempt, 1);
     assert_eq!(again[0].priority, 7);
+}
+
+async fn cancel_depends_on_the_state(backend: Backend) {
+    let ts = TestStore::new(backend).await.unwrap();
+    let delayed = NewTask {
+        delay_ms: 60_000,
+        ..echo("delayed")
+    };
+    for task in [echo("pending"), delayed, echo("retrying"), echo("done")] {
+        ts.store.create(task).await.unwrap();
+    }
+    // Put "retrying" into its backoff and "done" into completed.
+    for id in ["retrying", "done"] {
+        loop {
+            let claimed = ts.store.claim("echo", "h", 1, LEASE).await.unwrap();
+            let attempt = AttemptRef::of(&claimed[0]);
+            if attempt.id != id {
+                ts.store.release(&attempt, 0).await.unwrap();
+                continue;
+            }
+            if id == "retrying" {
+                let retry = FailedAttempt {
+                    error: "later".into(),
+                    next: NextStep::RetryIn(Duration::from_secs(60)),
+                    exhausted_hook_ran: false,
+                    progress: 0,
+                };
+                ts.store.fail(&attempt, &retry).await.unwrap();
+            } else {
+                ts.store.complete(&attempt, "{}", 0).await.unwrap();
+            }
+            break;
+        }
+    }
+
+    // (task, answer) — waiting tasks are canceled at once
+    for id in ["pending", "delayed", "retrying"] {
+        assert_eq!(
+            ts.store.cancel(id).await.unwrap(),
+            TaskState::Canceled,
+            "{id}"
+        );
+        let task = ts.store.get(id).await.unwrap().unwrap();
+        assert_eq!(task.state, TaskState::Canceled, "{id}");
+        assert!(task.finished_ms.is_some());
+    }
+    assert!(
+        ts.store
+            .claim("echo", "h", 10, LEASE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let err = ts.store.cancel("done").await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            StoreError::WrongState {
+                state: TaskState::Completed,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("it is completed"), "{err}");
+    let err = ts.store.cancel("nope").await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
+
+    let counts = ts.store.counts("echo").await.unwrap();
+    assert_eq!(
+        (counts.canceled, counts.completed, counts.unfinished()),
+        (3, 1, 0)
+    );
+}
+
+async fn cancel_of_a_running_task_is_applied_when_its_attempt_ends(backend: Backend) {
+    let ts = TestStore::new(backend).await.unwrap();
+    let ids = ["by-fail", "by-release", "by-requeue", "by-complete"];
+    for id in ids {
+        ts.store.create(echo(id)).await.unwrap();
+    }
+    let short = Duration::from_millis(100);
+    let mut attempts = std::collections::HashMap::new();
+    for task in ts.store.claim("echo", "h", 4, short).await.unwrap() {
+        attempts.insert(task.id.clone(), AttemptRef::of(&task));
+    }
+    for id in ids {
+        assert_eq!(
+            ts.store.cancel(id).await.unwrap(),
+            TaskState::Running,
+            "{id}"
+        );
+    }
+    let mut requested = ts.store.cancel_requests("echo").await.unwrap();
+    requested.sort();
+    let mut expected: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+    expected.sort();
+    assert_eq!(requested, expected);
+
+    // However the attempt ends, a canceled task is not retried or handed back.
+    let retry = FailedAttempt {
+        error: "stopped".into(),
+        next: NextStep::RetryIn(Duration::ZERO),
+        exhausted_hook_ran: false,
+        progress: 0,
+    };
+    let state = ts.store.fail(&attempts["by-fail"], &retry).await.unwrap();
+    assert_eq!(state, TaskState::Canceled);
+    ts.store.release(&attempts["by-release"], 0).await.unwrap();
+    ts.store
+        .complete(&attempts["by-complete"], "{}", 0)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let done = ts.store.requeue_expired("echo", 10, 3).await.unwrap();
+    assert_eq!(
+        done,
+        Requeued {
+            requeued: 0,
+            failed: 0,
+            canceled: 1
+        }
+    );
+
+    for (id, expected) in [
+        ("by-fail", TaskState::Canceled),
+        ("by-release", TaskState::Canceled),
+        ("by-requeue", TaskState::Canceled),
+        ("by-complete", TaskState::Completed),
+    ] {
+        let task = ts.store.get(id).await.unwrap().unwrap();
+        assert_eq!(task.state, expected, "{id}");
+        assert!(!task.cancel_requested, "{id}");
+    }
+    assert!(ts.store.cancel_requests("echo").await.unwrap().is_empty());
+    let counts = ts.store.counts("echo").await.unwrap();
+    assert_eq!(
+        (counts.canceled, counts.completed, counts.running),
+        (3, 1, 0)
+    );
+}
+
+async fn retry_requeues_failed_and_canceled_tasks_only(backend: Backend) {
+    let ts = TestStore::new(backend).await.unwrap();
+    for id in ["failed", "canceled", "pending"] {
+        ts.store.create(echo(id)).await.unwrap();
+    }
+    ts.store.cancel("canceled").await.unwrap();
+    let claimed = ts.store.claim("echo", "h", 1, LEASE).await.unwrap();
+    assert_eq!(claimed[0].id, "failed");
+    let fatal = FailedAttempt {
+        error: "bad".into(),
+        next: NextStep::Fail,
+        exhausted_hook_ran: false,
+        progress: 0,
+    };
+    ts.store
+        .fail(&AttemptRef::of(&claimed[0]), &fatal)
+        .await
+        .unwrap();
+
+    for id in ["failed", "canceled"] {
+        let task = ts.store.retry(id).await.unwrap();
+        assert_eq!((task.state, task.attempt), (TaskState::Pending, 0), "{id}");
+        assert!(task.finished_ms.is_none(), "{id}");
+    }
+    let again = ts.store.get("failed").await.unwrap().unwrap();
+    assert_eq!(again.errors, ["bad"], "the error history stays");
+
+    let err = ts.store.retry("pending").await.unwrap_err();
+    assert!(err.to_string().contains("only failed or canceled"), "{err}");
+    let counts = ts.store.counts("echo").await.unwrap();
+    assert_eq!((counts.pending, counts.failed, counts.canceled), (3, 0, 0));
+    let claimed = ts.store.claim("echo", "h", 10, LEASE).await.unwrap();
+    assert_eq!(claimed.len(), 3);
 }
 
 async fn concurrent_claims_never_share_a_task(backend: Backend) {
@@ -419,6 +598,9 @@ rebound_tests::on_both_stores!(
     expired_leases_are_taken_back_without_charging_an_attempt,
     too_many_lease_losses_fail_the_task,
     release_hands_a_task_back_uncharged,
+    cancel_depends_on_the_state,
+    cancel_of_a_running_task_is_applied_when_its_attempt_ends,
+    retry_requeues_failed_and_canceled_tasks_only,
     concurrent_claims_never_share_a_task,
     queues_and_counts_are_per_queue,
 );

@@ -78,7 +78,8 @@ CREATE TABLE tasks (
     lease_owner         TEXT,
     lease_deadline_ms   INTEGER,
     lease_token         INTEGER NOT NULL,
-    lease_losses        INTEGER NOT NULL DEFAULT 0
+    lease_losses        INTEGER NOT NULL DEFAULT 0,
+    cancel_requested    INTEGER NOT NULL DEFAULT 0
 );
 
 -- Only claimable tasks are in this index, in claim order, so a claim reads the first due
@@ -104,7 +105,7 @@ CREATE TABLE state_counts (
 /// The columns [`task_from_row`] reads, in a `SELECT` or a `RETURNING` clause.
 const TASK_COLUMNS: &str = "id, queue, params, state, priority, attempt, retry, run_at_ms, \
      progress, result, last_error, errors, exhausted_hook_runs, created_ms, updated_ms, \
-     started_ms, finished_ms, lease_owner, lease_deadline_ms, lease_token, lease_losses";
+     started_ms, finished_ms, lease_owner, lease_deadline_ms, lease_token, lease_losses, cancel_requested";
 
 /// The largest time, in ms since the Unix epoch, that fits in an SQLite integer.
 const MAX_STORED_MS: u64 = i64::MAX as u64;
@@ -382,9 +383,14 @@ impl Store for EmbeddedStore {
         let attempt = attempt.clone();
         self.run("release", move |conn| {
             let tx = begin(conn)?;
-            let task = leased_task(&tx, &attempt, "release")?;
+            let mut task = leased_task(&tx, &attempt, "release")?;
             let progress = raised_progress(task.progress, progress);
-            return_to_pending(&tx, &task, progress, now_ms())?;
+            if task.cancel_requested {
+                task.progress = progress;
+                end_canceled(&tx, &mut task, now_ms())?;
+            } else {
+                return_to_pending(&tx, &task, progress, now_ms())?;
+            }
             tx.commit()?;
             Ok(())
         })
@@ -410,7 +416,10 @@ impl Store for EmbeddedStore {
                     "UPDATE tasks SET lease_losses = ?2 WHERE id = ?1",
                     rusqlite::params![task.id, task.lease_losses],
                 )?;
-                if task.lease_losses > max_lease_losses {
+                if task.cancel_requested {
+                    end_canceled(&tx, &mut task, now)?;
+                    done.canceled += 1;
+                } else if task.lease_losses > max_lease_losses {
                     let failure = FailedAttempt {
                         error: format!(
                             "lost its lease {} times (last held by {owner}); its hosts keep \
@@ -432,6 +441,86 @@ impl Store for EmbeddedStore {
             }
             tx.commit()?;
             Ok(done)
+        })
+        .await
+    }
+
+    async fn cancel(&self, id: &str) -> Result<TaskState, StoreError> {
+        let id = id.to_owned();
+        self.run("cancel", move |conn| {
+            let tx = begin(conn)?;
+            let task =
+                load_task(&tx, &id)?.ok_or_else(|| StoreError::NotFound { id: id.clone() })?;
+            let now = now_ms();
+            let state = match task.state {
+                TaskState::Pending | TaskState::Retrying => {
+                    tx.execute(
+                        "UPDATE tasks SET state = 'canceled', finished_ms = ?2, updated_ms = ?2
+                         WHERE id = ?1",
+                        rusqlite::params![id, now],
+                    )?;
+                    move_count(&tx, &task.queue, Some(task.state), TaskState::Canceled)?;
+                    TaskState::Canceled
+                }
+                TaskState::Running => {
+                    tx.execute("UPDATE tasks SET cancel_requested = 1 WHERE id = ?1", [&id])?;
+                    TaskState::Running
+                }
+                finished => {
+                    return Err(StoreError::WrongState {
+                        id,
+                        action: "cancel",
+                        state: finished,
+                        allowed: "pending, delayed, retrying or running",
+                    }
+                    .into());
+                }
+            };
+            tx.commit()?;
+            Ok(state)
+        })
+        .await
+    }
+
+    async fn cancel_requests(&self, queue: &str) -> Result<Vec<String>, StoreError> {
+        let queue = queue.to_owned();
+        self.run("read cancel requests", move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id FROM tasks
+                 WHERE queue = ?1 AND state = 'running' AND cancel_requested = 1",
+            )?;
+            let ids = stmt.query_map([&queue], |row| row.get(0))?;
+            Ok(ids.collect::<rusqlite::Result<Vec<String>>>()?)
+        })
+        .await
+    }
+
+    async fn retry(&self, id: &str) -> Result<Task, StoreError> {
+        let id = id.to_owned();
+        self.run("retry", move |conn| {
+            let tx = begin(conn)?;
+            let task =
+                load_task(&tx, &id)?.ok_or_else(|| StoreError::NotFound { id: id.clone() })?;
+            if !matches!(task.state, TaskState::Failed | TaskState::Canceled) {
+                return Err(StoreError::WrongState {
+                    id,
+                    action: "retry",
+                    state: task.state,
+                    allowed: "failed or canceled",
+                }
+                .into());
+            }
+            tx.execute(
+                "UPDATE tasks SET state = 'pending', attempt = 0, lease_losses = 0,
+                     cancel_requested = 0, run_at_ms = ?2, updated_ms = ?2, finished_ms = NULL
+                 WHERE id = ?1",
+                rusqlite::params![id, now_ms()],
+            )?;
+            move_count(&tx, &task.queue, Some(task.state), TaskState::Pending)?;
+            let task =
+                load_task(&tx, &id)?.ok_or_else(|| StoreError::NotFound { id: id.clone() })?;
+            tx.commit()?;
+            Ok(task)
         })
         .await
     }
@@ -490,6 +579,7 @@ fn new_task(new: NewTask, now: u64) -> Task {
         errors: Vec::new(),
         exhausted_hook_runs: 0,
         lease_losses: 0,
+        cancel_requested: false,
         created_ms: now,
         updated_ms: now,
         started_ms: None,
@@ -609,6 +699,22 @@ fn expired_leases(
     rows.collect()
 }
 
+/// Ends a running task whose cancellation was asked for as `canceled`.
+fn end_canceled(tx: &Transaction<'_>, task: &mut Task, now: u64) -> rusqlite::Result<()> {
+    task.state = TaskState::Canceled;
+    task.cancel_requested = false;
+    task.finished_ms = Some(now);
+    task.updated_ms = now;
+    task.lease = None;
+    save_outcome(tx, task)?;
+    move_count(
+        tx,
+        &task.queue,
+        Some(TaskState::Running),
+        TaskState::Canceled,
+    )
+}
+
 /// Makes a running task claimable again at once, without charging it the attempt it was in.
 fn return_to_pending(
     tx: &Transaction<'_>,
@@ -668,6 +774,8 @@ fn record_success(task: &mut Task, result: String, progress: u8, now: u64) {
     task.finished_ms = Some(now);
     task.updated_ms = now;
     task.lease = None;
+    // Work that finished before a cancel request took effect is kept.
+    task.cancel_requested = false;
 }
 
 /// Applies a failed attempt to a running task, as the host decided: retry later, or fail.
@@ -683,6 +791,12 @@ fn record_failure(task: &mut Task, failure: &FailedAttempt, now: u64) {
     task.updated_ms = now;
     task.lease = None;
 
+    if task.cancel_requested {
+        task.cancel_requested = false;
+        task.state = TaskState::Canceled;
+        task.finished_ms = Some(now);
+        return;
+    }
     match failure.next {
         NextStep::RetryIn(delay) => {
             task.state = TaskState::Retrying;
@@ -701,7 +815,8 @@ fn save_outcome(tx: &Transaction<'_>, task: &Task) -> rusqlite::Result<()> {
     let mut stmt = tx.prepare_cached(
         "UPDATE tasks SET state = ?2, progress = ?3, result = ?4, last_error = ?5,
              errors = ?6, exhausted_hook_runs = ?7, run_at_ms = ?8, updated_ms = ?9,
-             finished_ms = ?10, lease_owner = NULL, lease_deadline_ms = NULL
+             finished_ms = ?10, cancel_requested = ?11, lease_owner = NULL,
+             lease_deadline_ms = NULL
          WHERE id = ?1",
     )?;
     stmt.execute(rusqlite::params![
@@ -715,6 +830,7 @@ fn save_outcome(tx: &Transaction<'_>, task: &Task) -> rusqlite::Result<()> {
         task.run_at_ms,
         task.updated_ms,
         task.finished_ms,
+        task.cancel_requested,
     ])?;
     Ok(())
 }
@@ -786,6 +902,7 @@ fn task_from_row(row: &Row<'_>) -> rusqlite::Result<Task> {
         errors: row.get::<_, Json<_>>("errors")?.0,
         exhausted_hook_runs: row.get("exhausted_hook_runs")?,
         lease_losses: row.get("lease_losses")?,
+        cancel_requested: row.get("cancel_requested")?,
         created_ms: row.get("created_ms")?,
         updated_ms: row.get("updated_ms")?,
         started_ms: row.get("started_ms")?,
@@ -1255,21 +1372,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn huge_delays_saturate() {
+    async fn huge_delays_are_refused_or_saturate() {
         let (_dir, store) = temp_store();
         let far = NewTask {
             delay_ms: u64::MAX,
             ..task_with_id("q", "far")
         };
 
-        let created = store.create(far).await.unwrap();
+        // A submission's delay is bounded; a retry delay from a host is stored saturated.
+        let err = store.create(far).await.unwrap_err();
+        assert!(matches!(err, StoreError::Invalid(_)), "{err}");
         store.create(task_with_id("q", "t")).await.unwrap();
         let attempt = AttemptRef::of(&claim_one(&store, "q").await);
         let forever = failure("later", NextStep::RetryIn(Duration::MAX));
         store.fail(&attempt, &forever).await.unwrap();
 
-        assert_eq!(created.run_at_ms, MAX_STORED_MS);
-        assert_eq!(store.get("far").await.unwrap(), Some(created));
+        assert_eq!(store.get("far").await.unwrap(), None);
         assert_eq!(
             store.get("t").await.unwrap().unwrap().run_at_ms,
             MAX_STORED_MS

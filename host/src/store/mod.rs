@@ -57,6 +57,18 @@ pub enum StoreError {
         /// The task's state now (or `missing`).
         state: String,
     },
+    /// A request that the task's state does not allow, such as canceling a finished task.
+    #[error("cannot {action} task `{id}`: it is {state}, and only {allowed} tasks can be")]
+    WrongState {
+        /// The task.
+        id: String,
+        /// What was asked, as a verb: "cancel", "retry".
+        action: &'static str,
+        /// The task's state.
+        state: TaskState,
+        /// The states that allow it, in words.
+        allowed: &'static str,
+    },
     /// Input the store refuses, with what is wrong with it.
     #[error("invalid task: {0}")]
     Invalid(String),
@@ -141,6 +153,8 @@ pub struct Requeued {
     pub requeued: u64,
     /// Tasks failed for losing their lease too often.
     pub failed: u64,
+    /// Tasks canceled, because their cancellation had been asked for.
+    pub canceled: u64,
 }
 
 /// How tasks are stored and moved between states. See the module docs.
@@ -170,7 +184,8 @@ pub trait Store: Send + Sync + 'static {
         progress: u8,
     ) -> Result<(), StoreError>;
 
-    /// Records a failed attempt and returns the task's new state (`retrying` or `failed`).
+    /// Records a failed attempt and returns the task's new state: `retrying` or `failed`, or
+    /// `canceled` when the task's cancellation was asked for while it ran.
     async fn fail(
         &self,
         attempt: &AttemptRef,
@@ -182,20 +197,36 @@ pub trait Store: Send + Sync + 'static {
     async fn heartbeat(&self, attempt: &AttemptRef, lease: Duration) -> Result<(), StoreError>;
 
     /// Hands a running task back, claimable at once, without charging it the attempt (the
-    /// task becomes `pending` with its attempt count as before the claim). For a host that
-    /// is shutting down.
+    /// task becomes `pending` with its attempt count as before the claim; `canceled` if its
+    /// cancellation was asked for). For a host that is shutting down.
     async fn release(&self, attempt: &AttemptRef, progress: u8) -> Result<(), StoreError>;
 
     /// Takes back up to `max` running tasks of `queue` whose lease has run out, because their
     /// host died or stalled. Each becomes `pending` without being charged the attempt, and
     /// its `lease_losses` grows by one; a task with more than `max_lease_losses` becomes
-    /// `failed` instead, with an error that says so.
+    /// `failed` instead, with an error that says so, and one whose cancellation was asked for
+    /// becomes `canceled`.
     async fn requeue_expired(
         &self,
         queue: &str,
         max: usize,
         max_lease_losses: u32,
     ) -> Result<Requeued, StoreError>;
+
+    /// Cancels a task. A pending, delayed or retrying task becomes `canceled` at once, and
+    /// `Canceled` is returned. For a running task the request is recorded and `Running` is
+    /// returned: the host running it interrupts the attempt (see
+    /// [`Store::cancel_requests`]), and its outcome is then recorded as `canceled`. A finished
+    /// task is [`StoreError::WrongState`].
+    async fn cancel(&self, id: &str) -> Result<TaskState, StoreError>;
+
+    /// Ids of the running tasks of `queue` whose cancellation was asked for.
+    async fn cancel_requests(&self, queue: &str) -> Result<Vec<String>, StoreError>;
+
+    /// Re-queues a `failed` or `canceled` task, claimable at once with a fresh retry budget
+    /// (attempts and lease losses from zero; the error history stays). Any other state is
+    /// [`StoreError::WrongState`].
+    async fn retry(&self, id: &str) -> Result<Task, StoreError>;
 
     /// Raises the stored progress of a running task; a lower value leaves it unchanged.
     async fn set_progress(&self, attempt: &AttemptRef, percent: u8) -> Result<(), StoreError>;

@@ -15,6 +15,8 @@
 //! | `{rebound:Q}:running`       | zset   | running tasks, scored by lease deadline        |
 //! | `{rebound:Q}:completed`     | zset   | completed tasks, scored by finish time         |
 //! | `{rebound:Q}:failed`        | zset   | failed tasks, scored by finish time            |
+//! | `{rebound:Q}:canceled`      | zset   | canceled tasks, scored by finish time          |
+//! | `{rebound:Q}:cancels`       | set    | running tasks whose cancellation was asked for |
 //! | `{rebound:Q}:counts`        | hash   | state name → number of tasks, for O(1) stats   |
 //! | `rebound:queues`            | set    | every queue name                               |
 //! | `rebound:id:ID`             | string | the queue of task ID                           |
@@ -73,6 +75,8 @@ struct Scripts {
     heartbeat: Script,
     release: Script,
     requeue: Script,
+    cancel: Script,
+    retry: Script,
 }
 
 impl Scripts {
@@ -86,6 +90,8 @@ impl Scripts {
             heartbeat: Script::from_lua(include_str!("lua/heartbeat.lua")),
             release: Script::from_lua(include_str!("lua/release.lua")),
             requeue: Script::from_lua(include_str!("lua/requeue.lua")),
+            cancel: Script::from_lua(include_str!("lua/cancel.lua")),
+            retry: Script::from_lua(include_str!("lua/retry.lua")),
         }
     }
 }
@@ -171,6 +177,16 @@ impl RedisStore {
             .set::<(), _, _>(&index, queue, None, None, false)
             .await
             .map_err(|err| StoreError::backend("create", err))
+    }
+
+    /// The queue that holds task `id`, from the id index.
+    async fn queue_of(&self, id: &str, transition: &'static str) -> Result<String, StoreError> {
+        let queue: Option<String> = self
+            .client
+            .get(keys::id_index(id))
+            .await
+            .map_err(|err| StoreError::backend(transition, err))?;
+        queue.ok_or_else(|| StoreError::NotFound { id: id.to_owned() })
     }
 
     /// Adds `queue` to the set of queues, once per process.
@@ -282,6 +298,7 @@ impl Store for RedisStore {
             errors: Vec::new(),
             exhausted_hook_runs: 0,
             lease_losses: 0,
+            cancel_requested: false,
             created_ms: now,
             updated_ms: now,
             started_ms: None,
@@ -336,6 +353,7 @@ impl Store for RedisStore {
             keys::queue_key(queue, "running"),
             keys::queue_key(queue, "completed"),
             keys::queue_key(queue, "counts"),
+            keys::queue_key(queue, "cancels"),
         ];
         let args: Vec<String> = vec![
             attempt.id.clone(),
@@ -364,6 +382,8 @@ impl Store for RedisStore {
             keys::queue_key(queue, "scheduled"),
             keys::queue_key(queue, "failed"),
             keys::queue_key(queue, "counts"),
+            keys::queue_key(queue, "canceled"),
+            keys::queue_key(queue, "cancels"),
         ];
         let delay = match failure.next {
             // Lua numbers are doubles: keep delays within their exact integer range.
@@ -416,6 +436,8 @@ impl Store for RedisStore {
             keys::queue_key(queue, "ready"),
             keys::queue_key(queue, "running"),
             keys::queue_key(queue, "counts"),
+            keys::queue_key(queue, "canceled"),
+            keys::queue_key(queue, "cancels"),
         ];
         let args: Vec<String> = vec![
             attempt.id.clone(),
@@ -429,7 +451,13 @@ impl Store for RedisStore {
             .evalsha_with_reload(&self.client, keys, args)
             .await
             .map_err(|err| StoreError::backend("release", err))?;
-        Self::accepted(attempt, "release", &answer)
+        // "canceled": handed back, and ended there, as its cancellation was asked for.
+        let answer = if answer == "canceled" {
+            "ok"
+        } else {
+            answer.as_str()
+        };
+        Self::accepted(attempt, "release", answer)
     }
 
     async fn requeue_expired(
@@ -443,6 +471,8 @@ impl Store for RedisStore {
             keys::queue_key(queue, "running"),
             keys::queue_key(queue, "failed"),
             keys::queue_key(queue, "counts"),
+            keys::queue_key(queue, "canceled"),
+            keys::queue_key(queue, "cancels"),
         ];
         let args: Vec<String> = vec![
             max.to_string(),
@@ -451,13 +481,79 @@ impl Store for RedisStore {
             max_lease_losses.to_string(),
             ERROR_HISTORY_LEN.to_string(),
         ];
-        let (requeued, failed): (u64, u64) = self
+        let (requeued, failed, canceled): (u64, u64, u64) = self
             .scripts
             .requeue
             .evalsha_with_reload(&self.client, keys, args)
             .await
             .map_err(|err| StoreError::backend("requeue expired leases", err))?;
-        Ok(Requeued { requeued, failed })
+        Ok(Requeued {
+            requeued,
+            failed,
+            canceled,
+        })
+    }
+
+    async fn cancel(&self, id: &str) -> Result<TaskState, StoreError> {
+        let queue = self.queue_of(id, "cancel").await?;
+        let keys = vec![
+            keys::task(&queue, id),
+            keys::queue_key(&queue, "ready"),
+            keys::queue_key(&queue, "scheduled"),
+            keys::queue_key(&queue, "canceled"),
+            keys::queue_key(&queue, "counts"),
+            keys::queue_key(&queue, "cancels"),
+        ];
+        let answer: String = self
+            .scripts
+            .cancel
+            .evalsha_with_reload(&self.client, keys, vec![id.to_owned()])
+            .await
+            .map_err(|err| StoreError::backend("cancel", err))?;
+        match answer.as_str() {
+            "canceled" => Ok(TaskState::Canceled),
+            "running" => Ok(TaskState::Running),
+            "missing" => Err(StoreError::NotFound { id: id.to_owned() }),
+            other => Err(wrong_state(
+                id,
+                "cancel",
+                other,
+                "pending, delayed, retrying or running",
+            )),
+        }
+    }
+
+    async fn cancel_requests(&self, queue: &str) -> Result<Vec<String>, StoreError> {
+        self.client
+            .smembers(keys::queue_key(queue, "cancels"))
+            .await
+            .map_err(|err| StoreError::backend("read cancel requests", err))
+    }
+
+    async fn retry(&self, id: &str) -> Result<Task, StoreError> {
+        let queue = self.queue_of(id, "retry").await?;
+        let keys = vec![
+            keys::task(&queue, id),
+            keys::queue_key(&queue, "ready"),
+            keys::queue_key(&queue, "failed"),
+            keys::queue_key(&queue, "canceled"),
+            keys::queue_key(&queue, "counts"),
+        ];
+        let args = vec![id.to_owned(), MAX_PRIORITY.to_string()];
+        let answer: String = self
+            .scripts
+            .retry
+            .evalsha_with_reload(&self.client, keys, args)
+            .await
+            .map_err(|err| StoreError::backend("retry", err))?;
+        match answer.as_str() {
+            "ok" => self
+                .get(id)
+                .await?
+                .ok_or_else(|| StoreError::NotFound { id: id.to_owned() }),
+            "missing" => Err(StoreError::NotFound { id: id.to_owned() }),
+            other => Err(wrong_state(id, "retry", other, "failed or canceled")),
+        }
     }
 
     async fn set_progress(&self, attempt: &AttemptRef, percent: u8) -> Result<(), StoreError> {
@@ -473,13 +569,10 @@ impl Store for RedisStore {
     }
 
     async fn get(&self, id: &str) -> Result<Option<Task>, StoreError> {
-        let queue: Option<String> = self
-            .client
-            .get(keys::id_index(id))
-            .await
-            .map_err(|err| StoreError::backend("get", err))?;
-        let Some(queue) = queue else {
-            return Ok(None);
+        let queue = match self.queue_of(id, "get").await {
+            Ok(queue) => queue,
+            Err(StoreError::NotFound { .. }) => return Ok(None),
+            Err(err) => return Err(err),
         };
         let fields: HashMap<String, String> = self
             .client
@@ -517,6 +610,20 @@ impl Store for RedisStore {
             .map_err(|err| StoreError::backend("list queues", err))?;
         queues.sort();
         Ok(queues)
+    }
+}
+
+/// The error for a script's "final:STATE" or "state:STATE" answer.
+fn wrong_state(id: &str, action: &'static str, answer: &str, allowed: &'static str) -> StoreError {
+    let state = answer.split_once(':').map_or(answer, |(_, state)| state);
+    match state.parse() {
+        Ok(state) => StoreError::WrongState {
+            id: id.to_owned(),
+            action,
+            state,
+            allowed,
+        },
+        Err(err) => StoreError::backend(action, anyhow!("unexpected answer `{answer}`: {err}")),
     }
 }
 
@@ -593,6 +700,7 @@ fn task_from_map(fields: &HashMap<String, String>) -> anyhow::Result<Task> {
         errors,
         exhausted_hook_runs: u32::try_from(number("hook_runs")?).unwrap_or(u32::MAX),
         lease_losses: u32::try_from(optional("lease_losses")?.unwrap_or(0)).unwrap_or(u32::MAX),
+        cancel_requested: fields.contains_key("cancel"),
         created_ms: number("created")?,
         updated_ms: number("updated")?,
         started_ms: optional("started")?,

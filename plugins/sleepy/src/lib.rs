@@ -3,7 +3,8 @@
 //! Parameters: `ms` (default 100), how long to spin. It reads the clock through WASI,
 //! reports its progress as it goes, and otherwise loops without ever checking `cancelled()`,
 //! so only the host's epoch deadline or fuel budget can stop it early: exactly what the
-//! sandbox's limit tests need.
+//! sandbox's limit tests need. With `"sleep": true` it blocks in a WASI sleep instead of
+//! spinning, which no epoch check can see.
 
 use rebound_sdk::serde_json::{Value, json};
 use rebound_sdk::{Failure, Handler, Task, export_handler};
@@ -18,6 +19,11 @@ impl Handler for Sleepy {
         } else {
             task.params_field("ms")?
         };
+        let sleep: bool = task.params_field("sleep").unwrap_or(false);
+        if sleep {
+            std::thread::sleep(Duration::from_millis(ms));
+            return Ok(json!({ "slept_ms": ms }));
+        }
         let started = Instant::now();
         let mut spins: u64 = 0;
         let mut reported = 0;

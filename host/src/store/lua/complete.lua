@@ -4,6 +4,7 @@
 -- KEYS[2] running zset     {rebound:Q}:running
 -- KEYS[3] completed zset   {rebound:Q}:completed  finished tasks, by finish time
 -- KEYS[4] counts hash      {rebound:Q}:counts
+-- KEYS[5] cancels set      {rebound:Q}:cancels    running tasks asked to stop
 -- ARGV[1] id
 -- ARGV[2] fencing token of the caller's lease
 -- ARGV[3] result (JSON text)
@@ -22,7 +23,9 @@ local progress = math.max(tonumber(redis.call('HGET', KEYS[1], 'progress') or '0
 
 redis.call('HSET', KEYS[1], 'state', 'completed', 'result', ARGV[3], 'progress', progress,
   'finished', now, 'updated', now)
-redis.call('HDEL', KEYS[1], 'owner', 'lease_deadline')
+-- Work that finished before a cancel request took effect is kept: the task is completed.
+redis.call('HDEL', KEYS[1], 'owner', 'lease_deadline', 'cancel')
+redis.call('SREM', KEYS[5], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], now, ARGV[1])
 redis.call('HINCRBY', KEYS[4], 'running', -1)

@@ -1,10 +1,13 @@
 -- fail: record a failed attempt as the host decided: retry after a delay, or fail for good.
+-- A task whose cancellation was asked for while it ran ends canceled instead, never retried.
 --
 -- KEYS[1] task hash        {rebound:Q}:task:ID
 -- KEYS[2] running zset     {rebound:Q}:running
 -- KEYS[3] scheduled zset   {rebound:Q}:scheduled
 -- KEYS[4] failed zset      {rebound:Q}:failed     finished tasks, by finish time
 -- KEYS[5] counts hash      {rebound:Q}:counts
+-- KEYS[6] canceled zset    {rebound:Q}:canceled   finished tasks, by finish time
+-- KEYS[7] cancels set      {rebound:Q}:cancels    running tasks asked to stop
 -- ARGV[1] id
 -- ARGV[2] fencing token of the caller's lease
 -- ARGV[3] error text
@@ -13,7 +16,8 @@
 -- ARGV[6] progress reached (0-100)
 -- ARGV[7] how many errors the history keeps
 --
--- Returns the new state ("retrying" or "failed"), or "lost:STATE" when the lease is not held.
+-- Returns the new state ("retrying", "failed" or "canceled"), or "lost:STATE" when the lease
+-- is not held.
 
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'running' or redis.call('HGET', KEYS[1], 'token') ~= ARGV[2] then
@@ -39,6 +43,15 @@ if ARGV[5] == '1' then
 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HINCRBY', KEYS[5], 'running', -1)
+
+if redis.call('HGET', KEYS[1], 'cancel') then
+  redis.call('HDEL', KEYS[1], 'cancel')
+  redis.call('SREM', KEYS[7], ARGV[1])
+  redis.call('HSET', KEYS[1], 'state', 'canceled', 'finished', now)
+  redis.call('ZADD', KEYS[6], now, ARGV[1])
+  redis.call('HINCRBY', KEYS[5], 'canceled', 1)
+  return 'canceled'
+end
 
 local delay = tonumber(ARGV[4])
 if delay < 0 then

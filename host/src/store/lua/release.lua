@@ -1,16 +1,19 @@
 -- release: hand a running task back, claimable at once, without charging it the attempt
--- (its host is shutting down), if the caller still holds the lease.
+-- (its host is shutting down), if the caller still holds the lease. A task whose cancellation
+-- was asked for ends canceled instead.
 --
 -- KEYS[1] task hash        {rebound:Q}:task:ID
 -- KEYS[2] ready zset       {rebound:Q}:ready
 -- KEYS[3] running zset     {rebound:Q}:running
 -- KEYS[4] counts hash      {rebound:Q}:counts
+-- KEYS[5] canceled zset    {rebound:Q}:canceled   finished tasks, by finish time
+-- KEYS[6] cancels set      {rebound:Q}:cancels    running tasks asked to stop
 -- ARGV[1] id
 -- ARGV[2] fencing token of the caller's lease
 -- ARGV[3] MAX_PRIORITY, for the ready score
 -- ARGV[4] progress reached (0-100)
 --
--- Returns "ok", or "lost:STATE" when the lease is not held.
+-- Returns "ok" (or "canceled"), or "lost:STATE" when the lease is not held.
 
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'running' or redis.call('HGET', KEYS[1], 'token') ~= ARGV[2] then
@@ -21,12 +24,21 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local progress = math.max(tonumber(redis.call('HGET', KEYS[1], 'progress') or '0'), tonumber(ARGV[4]))
 local priority = tonumber(redis.call('HGET', KEYS[1], 'priority'))
 
-redis.call('HINCRBY', KEYS[1], 'attempt', -1)
-redis.call('HSET', KEYS[1], 'state', 'pending', 'run_at', now, 'progress', progress, 'updated', now)
+redis.call('HSET', KEYS[1], 'progress', progress, 'updated', now)
 redis.call('HDEL', KEYS[1], 'owner', 'lease_deadline')
 redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('HINCRBY', KEYS[4], 'running', -1)
+if redis.call('HGET', KEYS[1], 'cancel') then
+  redis.call('HDEL', KEYS[1], 'cancel')
+  redis.call('SREM', KEYS[6], ARGV[1])
+  redis.call('HSET', KEYS[1], 'state', 'canceled', 'finished', now)
+  redis.call('ZADD', KEYS[5], now, ARGV[1])
+  redis.call('HINCRBY', KEYS[4], 'canceled', 1)
+  return 'canceled'
+end
+redis.call('HINCRBY', KEYS[1], 'attempt', -1)
+redis.call('HSET', KEYS[1], 'state', 'pending', 'run_at', now)
 local score = (tonumber(ARGV[3]) - priority) * 4398046511104 + now
 redis.call('ZADD', KEYS[2], string.format('%.0f', score), ARGV[1])
-redis.call('HINCRBY', KEYS[4], 'running', -1)
 redis.call('HINCRBY', KEYS[4], 'pending', 1)
 return 'ok'

@@ -2,24 +2,27 @@
 --
 -- A lost lease is not the task's fault, so the attempt it was in is not charged: the task is
 -- claimable again at once with the same attempt number. It is counted, though, and a task
--- that lost its lease more than the allowed number of times fails instead.
+-- that lost its lease more than the allowed number of times fails instead, and one whose
+-- cancellation was asked for ends canceled.
 --
 -- KEYS[1] ready zset       {rebound:Q}:ready
 -- KEYS[2] running zset     {rebound:Q}:running
 -- KEYS[3] failed zset      {rebound:Q}:failed
 -- KEYS[4] counts hash      {rebound:Q}:counts
+-- KEYS[5] canceled zset    {rebound:Q}:canceled   finished tasks, by finish time
+-- KEYS[6] cancels set      {rebound:Q}:cancels    running tasks asked to stop
 -- ARGV[1] most tasks to take back
 -- ARGV[2] task key prefix  {rebound:Q}:task:
 -- ARGV[3] MAX_PRIORITY, for the ready score
 -- ARGV[4] most lease losses a task may have
 -- ARGV[5] how many errors the history keeps
 --
--- Returns {number requeued, number failed}.
+-- Returns {number requeued, number failed, number canceled}.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local expired = redis.call('ZRANGE', KEYS[2], '-inf', now - 1, 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[1]))
-local requeued, failed = 0, 0
+local requeued, failed, canceled = 0, 0, 0
 
 for _, id in ipairs(expired) do
   local key = ARGV[2] .. id
@@ -30,7 +33,14 @@ for _, id in ipairs(expired) do
     redis.call('HDEL', key, 'owner', 'lease_deadline')
     redis.call('HSET', key, 'updated', now)
     redis.call('HINCRBY', KEYS[4], 'running', -1)
-    if losses > tonumber(ARGV[4]) then
+    if redis.call('HGET', key, 'cancel') then
+      redis.call('HDEL', key, 'cancel')
+      redis.call('SREM', KEYS[6], id)
+      redis.call('HSET', key, 'state', 'canceled', 'finished', now)
+      redis.call('ZADD', KEYS[5], now, id)
+      redis.call('HINCRBY', KEYS[4], 'canceled', 1)
+      canceled = canceled + 1
+    elseif losses > tonumber(ARGV[4]) then
       local message = 'lost its lease ' .. losses .. ' times (last held by ' .. owner ..
         '); its hosts keep dying or stalling, so it is not run again'
       local errors = cjson.decode(redis.call('HGET', key, 'errors') or '[]')
@@ -54,4 +64,4 @@ for _, id in ipairs(expired) do
     end
   end
 end
-return {requeued, failed}
+return {requeued, failed, canceled}
