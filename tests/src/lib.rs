@@ -5,6 +5,8 @@
 //! [`RedisServer::start`] and stops it when the value is dropped; nothing here talks to a
 //! server it did not start.
 
+pub mod process;
+
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -56,23 +58,35 @@ pub fn init_logging() {
         .try_init();
 }
 
-/// A `redis-server` process of this test's own, on a free loopback port, keeping nothing on
-/// disk. Killed when dropped.
+/// A `redis-server` process of this test's own, on a free loopback port, its files in a
+/// temporary directory. Killed when dropped.
 pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: TempDir,
+    durable: bool,
 }
 
 impl RedisServer {
-    /// Starts a server and waits until it answers.
+    /// Starts a server that keeps nothing on disk, and waits until it answers.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(false)
+    }
+
+    /// Starts a server that writes every change to its append-only file before answering,
+    /// so that it loses nothing it acknowledged when killed and restarted.
+    pub fn start_durable() -> anyhow::Result<Self> {
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> anyhow::Result<Self> {
         let port = free_port()?;
         let dir = tempfile::tempdir()?;
         let mut server = RedisServer {
             child: None,
             port,
             dir,
+            durable,
         };
         server.spawn()?;
         Ok(server)
@@ -98,9 +112,21 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
+        let persistence: &[&str] = if self.durable {
+            &[
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ]
+        } else {
+            &["--save", "", "--appendonly", "no"]
+        };
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
+            .args(persistence)
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
