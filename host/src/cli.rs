@@ -124,6 +124,9 @@ struct RunArgs {
     /// Lease losses after which a task is failed rather than run again.
     #[arg(long, default_value_t = 3)]
     max_lease_losses: u32,
+    /// How long finished tasks are kept, in seconds (7 days by default).
+    #[arg(long, default_value_t = 7 * 24 * 60 * 60)]
+    retention_s: u64,
     /// Retry policy for tasks submitted without one.
     #[command(flatten)]
     retry: RetryArgs,
@@ -327,6 +330,7 @@ async fn run(store: SharedStore, args: RunArgs) -> anyhow::Result<()> {
         shutdown_grace: Duration::from_millis(args.shutdown_grace_ms),
         lease: Duration::from_millis(args.lease_ms),
         max_lease_losses: args.max_lease_losses,
+        retention: Duration::from_secs(args.retention_s),
     };
     if let Err(err) = config.validate() {
         bail!("invalid setting: {err}");

@@ -32,6 +32,10 @@ pub struct HostConfig {
     /// How many times a task may lose its lease (its host died or stalled) before it is
     /// failed instead of being run again. Default 3.
     pub max_lease_losses: u32,
+    /// How long finished tasks (completed, failed, canceled) are kept before they are
+    /// deleted. Default 7 days; zero deletes them at the next clean-up (about every lease
+    /// renewal period).
+    pub retention: Duration,
 }
 
 impl Default for HostConfig {
@@ -45,6 +49,7 @@ impl Default for HostConfig {
             shutdown_grace: Duration::from_secs(30),
             lease: Duration::from_secs(30),
             max_lease_losses: 3,
+            retention: Duration::from_secs(7 * 24 * 60 * 60),
         }
     }
 }

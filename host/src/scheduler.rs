@@ -191,17 +191,33 @@ impl QueueWorker {
             .await
     }
 
-    /// Runs forever: interrupts running attempts whose task was canceled, and takes back
-    /// the queue's tasks whose host stopped renewing their lease.
+    /// Runs forever: interrupts running attempts whose task was canceled, takes back the
+    /// queue's tasks whose host stopped renewing their lease, and deletes finished tasks
+    /// past their retention.
     async fn maintain(&self) {
-        let mut last_requeue = tokio::time::Instant::now();
+        let mut last_sweep = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(CANCEL_POLL).await;
             self.interrupt_canceled().await;
-            if last_requeue.elapsed() >= self.config.lease_renewal() {
-                last_requeue = tokio::time::Instant::now();
+            if last_sweep.elapsed() >= self.config.lease_renewal() {
+                last_sweep = tokio::time::Instant::now();
                 self.requeue_expired().await;
+                self.trim_finished().await;
             }
+        }
+    }
+
+    /// Deletes the queue's finished tasks that are past their retention, in bounded bites.
+    async fn trim_finished(&self) {
+        let queue = self.plugin.name();
+        match self
+            .store
+            .trim_finished(queue, self.config.retention, 1000)
+            .await
+        {
+            Ok(0) => {}
+            Ok(deleted) => debug!(%queue, deleted, "deleted finished tasks past retention"),
+            Err(err) => debug!(%queue, error = %err, "trimming finished tasks failed"),
         }
     }
 

@@ -539,6 +539,59 @@ async fn retry_requeues_failed_and_canceled_tasks_only(backend: Backend) {
     assert_eq!(claimed.len(), 3);
 }
 
+async fn finished_tasks_are_deleted_after_their_retention(backend: Backend) {
+    let ts = TestStore::new(backend).await.unwrap();
+    for id in ["done", "failed", "canceled", "waiting"] {
+        ts.store.create(echo(id)).await.unwrap();
+    }
+    ts.store.cancel("canceled").await.unwrap();
+    let claimed = ts.store.claim("echo", "h", 2, LEASE).await.unwrap();
+    for task in &claimed {
+        let attempt = AttemptRef::of(task);
+        if task.id == "done" {
+            ts.store.complete(&attempt, "{}", 0).await.unwrap();
+        } else {
+            let fatal = FailedAttempt {
+                error: "no".into(),
+                next: NextStep::Fail,
+                exhausted_hook_ran: false,
+                progress: 0,
+            };
+            ts.store.fail(&attempt, &fatal).await.unwrap();
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let kept = ts
+        .store
+        .trim_finished("echo", Duration::from_secs(60), 100)
+        .await;
+    assert_eq!(kept.unwrap(), 0, "nothing is old enough");
+    let deleted = ts
+        .store
+        .trim_finished("echo", Duration::from_millis(20), 2)
+        .await;
+    assert_eq!(deleted.unwrap(), 2, "at most `max` per call");
+    let deleted = ts
+        .store
+        .trim_finished("echo", Duration::from_millis(20), 100)
+        .await;
+    assert_eq!(deleted.unwrap(), 1);
+
+    for id in ["done", "failed", "canceled"] {
+        assert!(ts.store.get(id).await.unwrap().is_none(), "{id}");
+    }
+    assert!(ts.store.get("waiting").await.unwrap().is_some());
+    let counts = ts.store.counts("echo").await.unwrap();
+    assert_eq!(
+        counts,
+        rebound::task::StateCounts {
+            pending: 1,
+            ..Default::default()
+        }
+    );
+}
+
 async fn concurrent_claims_never_share_a_task(backend: Backend) {
     let ts = TestStore::new(backend).await.unwrap();
     for n in 0..200 {
@@ -601,6 +654,7 @@ rebound_tests::on_both_stores!(
     cancel_depends_on_the_state,
     cancel_of_a_running_task_is_applied_when_its_attempt_ends,
     retry_requeues_failed_and_canceled_tasks_only,
+    finished_tasks_are_deleted_after_their_retention,
     concurrent_claims_never_share_a_task,
     queues_and_counts_are_per_queue,
 );

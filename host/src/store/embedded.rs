@@ -87,6 +87,10 @@ CREATE TABLE tasks (
 CREATE INDEX tasks_claimable ON tasks (queue, priority DESC, run_at_ms, seq)
     WHERE state IN ('pending', 'retrying');
 
+-- Finished tasks by finish time, so trimming old ones reads only those.
+CREATE INDEX tasks_finished ON tasks (queue, finished_ms)
+    WHERE state IN ('completed', 'failed', 'canceled');
+
 -- Running tasks by lease deadline, so finding expired leases reads only those.
 CREATE INDEX tasks_leased ON tasks (queue, lease_deadline_ms) WHERE state = 'running';
 
@@ -521,6 +525,42 @@ impl Store for EmbeddedStore {
                 load_task(&tx, &id)?.ok_or_else(|| StoreError::NotFound { id: id.clone() })?;
             tx.commit()?;
             Ok(task)
+        })
+        .await
+    }
+
+    async fn trim_finished(
+        &self,
+        queue: &str,
+        retention: Duration,
+        max: usize,
+    ) -> Result<u64, StoreError> {
+        let queue = queue.to_owned();
+        self.run("trim finished tasks", move |conn| {
+            let tx = begin(conn)?;
+            let cutoff = now_ms().saturating_sub(duration_ms(retention));
+            let old: Vec<(String, TaskState)> = {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT id, state FROM tasks
+                     WHERE queue = ?1 AND state IN ('completed', 'failed', 'canceled')
+                       AND finished_ms < ?2
+                     LIMIT ?3",
+                )?;
+                let limit = i64::try_from(max).unwrap_or(i64::MAX);
+                let rows = stmt.query_map(rusqlite::params![queue, cutoff, limit], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            for (id, state) in &old {
+                tx.execute("DELETE FROM tasks WHERE id = ?1", [id])?;
+                tx.prepare_cached(
+                    "UPDATE state_counts SET count = count - 1 WHERE queue = ?1 AND state = ?2",
+                )?
+                .execute(rusqlite::params![queue, state])?;
+            }
+            tx.commit()?;
+            Ok(old.len() as u64)
         })
         .await
     }

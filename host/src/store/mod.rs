@@ -228,6 +228,16 @@ pub trait Store: Send + Sync + 'static {
     /// [`StoreError::WrongState`].
     async fn retry(&self, id: &str) -> Result<Task, StoreError>;
 
+    /// Deletes up to `max` tasks of `queue` that finished (completed, failed or canceled)
+    /// more than `retention` ago, and returns how many it deleted. Their counts go down
+    /// with them.
+    async fn trim_finished(
+        &self,
+        queue: &str,
+        retention: Duration,
+        max: usize,
+    ) -> Result<u64, StoreError>;
+
     /// Raises the stored progress of a running task; a lower value leaves it unchanged.
     async fn set_progress(&self, attempt: &AttemptRef, percent: u8) -> Result<(), StoreError>;
 

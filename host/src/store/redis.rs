@@ -77,6 +77,7 @@ struct Scripts {
     requeue: Script,
     cancel: Script,
     retry: Script,
+    trim: Script,
 }
 
 impl Scripts {
@@ -92,6 +93,7 @@ impl Scripts {
             requeue: Script::from_lua(include_str!("lua/requeue.lua")),
             cancel: Script::from_lua(include_str!("lua/cancel.lua")),
             retry: Script::from_lua(include_str!("lua/retry.lua")),
+            trim: Script::from_lua(include_str!("lua/trim.lua")),
         }
     }
 }
@@ -554,6 +556,41 @@ impl Store for RedisStore {
             "missing" => Err(StoreError::NotFound { id: id.to_owned() }),
             other => Err(wrong_state(id, "retry", other, "failed or canceled")),
         }
+    }
+
+    async fn trim_finished(
+        &self,
+        queue: &str,
+        retention: Duration,
+        max: usize,
+    ) -> Result<u64, StoreError> {
+        let keys = vec![
+            keys::queue_key(queue, "completed"),
+            keys::queue_key(queue, "failed"),
+            keys::queue_key(queue, "canceled"),
+            keys::queue_key(queue, "counts"),
+        ];
+        let args = vec![
+            keys::task_prefix(queue),
+            retention.as_millis().min(1 << 52).to_string(),
+            max.to_string(),
+        ];
+        let deleted: Vec<String> = self
+            .scripts
+            .trim
+            .evalsha_with_reload(&self.client, keys, args)
+            .await
+            .map_err(|err| StoreError::backend("trim finished tasks", err))?;
+        // The id index entries live in other slots, so they go in a command of their own; an
+        // entry left behind (a crash in between) points at nothing and reads as not found.
+        if !deleted.is_empty() {
+            let index: Vec<String> = deleted.iter().map(|id| keys::id_index(id)).collect();
+            self.client
+                .del::<(), _>(index)
+                .await
+                .map_err(|err| StoreError::backend("trim finished tasks", err))?;
+        }
+        Ok(deleted.len() as u64)
     }
 
     async fn set_progress(&self, attempt: &AttemptRef, percent: u8) -> Result<(), StoreError> {
