@@ -71,6 +71,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the tasks of a queue in one state, a page at a time.
+    List {
+        /// The queue.
+        queue: String,
+        /// The state: pending, running, retrying, completed, failed or canceled.
+        #[arg(long)]
+        state: TaskState,
+        /// Most tasks on the page (1 to 1000).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Where to start: the cursor printed at the end of the previous page.
+        #[arg(long)]
+        cursor: Option<String>,
+        /// Print the page as JSON: {"tasks": [...], "next": cursor or null}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Cancel a task: a waiting one at once, a running one is stopped by its host.
     Cancel {
         /// The task's id.
@@ -274,6 +291,23 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => run(store, args).await,
         Command::Submit(args) => submit(store.as_ref(), args).await,
         Command::Get { id, json } => get(store.as_ref(), &id, json).await,
+        Command::List {
+            queue,
+            state,
+            limit,
+            cursor,
+            json,
+        } => {
+            list(
+                store.as_ref(),
+                &queue,
+                state,
+                limit,
+                cursor.as_deref(),
+                json,
+            )
+            .await
+        }
         Command::Cancel { id } => cancel(store.as_ref(), &id).await,
         Command::Retry { id } => retry(store.as_ref(), &id).await,
         Command::Stats { json } => stats(store.as_ref(), json).await,
@@ -427,6 +461,43 @@ async fn get(store: &dyn crate::store::Store, id: &str, json: bool) -> anyhow::R
         emit(describe(&task).trim_end())?;
     }
     Ok(())
+}
+
+async fn list(
+    store: &dyn crate::store::Store,
+    queue: &str,
+    state: TaskState,
+    limit: usize,
+    cursor: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let page = store.list(queue, state, limit, cursor).await?;
+    if json {
+        let value = serde_json::json!({ "tasks": page.tasks, "next": page.next });
+        return emit(&value.to_string());
+    }
+    for task in &page.tasks {
+        let detail = task
+            .last_error
+            .as_deref()
+            .or(task.result.as_deref())
+            .unwrap_or("");
+        let detail: String = detail.chars().take(60).collect();
+        emit(&format!(
+            "{:<38} {:<9} attempt {:<3} {}  {detail}",
+            task.id,
+            task.state.as_str(),
+            task.attempt,
+            timestamp(task.updated_ms)
+        ))?;
+    }
+    match page.next {
+        Some(next) => emit(&format!("next page: --cursor {next}")),
+        None if page.tasks.is_empty() && cursor.is_none() => {
+            emit(&format!("no {state} tasks in queue {queue}"))
+        }
+        None => Ok(()),
+    }
 }
 
 async fn cancel(store: &dyn crate::store::Store, id: &str) -> anyhow::Result<()> {

@@ -53,6 +53,32 @@ fn embedded_store_keeps_tasks_across_host_restarts() {
     let stats: Value = serde_json::from_str(&rebound.ok(&["stats", "--json"])).unwrap();
     assert_eq!(stats["echo"]["completed"], 2);
     assert_eq!(stats["flaky"]["completed"], 1);
+
+    // Listed page by page: one task a page, then the end.
+    let list = |cursor: Option<&str>| -> Value {
+        let mut args = vec![
+            "list",
+            "echo",
+            "--state",
+            "completed",
+            "--limit",
+            "1",
+            "--json",
+        ];
+        if let Some(cursor) = cursor {
+            args.extend(["--cursor", cursor]);
+        }
+        serde_json::from_str(&rebound.ok(&args)).unwrap()
+    };
+    let first_page = list(None);
+    assert_eq!(first_page["tasks"][0]["id"], "first");
+    let second_page = list(first_page["next"].as_str());
+    assert_eq!(second_page["tasks"][0]["id"], second.as_str());
+    let human = rebound.ok(&["list", "echo", "--state", "completed"]);
+    assert!(
+        human.contains("first") && human.contains(&second),
+        "{human}"
+    );
 }
 
 #[test]
@@ -78,7 +104,7 @@ fn redis_host_runs_submitted_tasks() {
 #[test]
 fn bad_input_is_refused_with_a_message_that_names_it() {
     let (data, rebound) = embedded();
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 8] = [
         (
             &["submit", "echo", "--params", "{nope"],
             "params is not valid JSON",
@@ -97,6 +123,10 @@ fn bad_input_is_refused_with_a_message_that_names_it() {
         (
             &["run", "--plugins", ".", "--memory-mb", "0"],
             "--memory-mb",
+        ),
+        (
+            &["list", "echo", "--state", "done"],
+            "unknown task state `done`",
         ),
     ];
     for (args, expected) in cases {

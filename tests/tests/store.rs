@@ -592,6 +592,67 @@ async fn finished_tasks_are_deleted_after_their_retention(backend: Backend) {
     );
 }
 
+async fn listing_by_state_pages_through_every_task_once(backend: Backend) {
+    let ts = TestStore::new(backend).await.unwrap();
+    for n in 0..30 {
+        let task = NewTask {
+            // Some waiting ones are delayed, so a listing must look past the claimable ones.
+            delay_ms: if n % 3 == 0 { 60_000 } else { 0 },
+            ..echo(&format!("t{n:02}"))
+        };
+        ts.store.create(task).await.unwrap();
+    }
+    let mut completed = HashSet::new();
+    for task in ts.store.claim("echo", "h", 8, LEASE).await.unwrap() {
+        ts.store
+            .complete(&AttemptRef::of(&task), "{}", 0)
+            .await
+            .unwrap();
+        completed.insert(task.id);
+    }
+
+    // (state, expected number of tasks)
+    for (state, expected) in [(TaskState::Pending, 22), (TaskState::Completed, 8)] {
+        let mut seen = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..100 {
+            let page = ts
+                .store
+                .list("echo", state, 5, cursor.as_deref())
+                .await
+                .unwrap();
+            assert!(page.tasks.len() <= 5);
+            seen.extend(page.tasks.into_iter().map(|task| {
+                assert_eq!(task.state, state);
+                task.id
+            }));
+            cursor = page.next;
+            if cursor.is_none() {
+                break;
+            }
+        }
+        assert!(cursor.is_none(), "{state}: the listing ends");
+        let unique: HashSet<&String> = seen.iter().collect();
+        assert_eq!(unique.len(), seen.len(), "{state}: no task twice");
+        assert_eq!(seen.len(), expected, "{state}");
+        if state == TaskState::Completed {
+            assert_eq!(seen.into_iter().collect::<HashSet<_>>(), completed);
+        }
+    }
+    let none = ts
+        .store
+        .list("echo", TaskState::Failed, 5, None)
+        .await
+        .unwrap();
+    assert!(none.tasks.is_empty() && none.next.is_none());
+    let err = ts
+        .store
+        .list("echo", TaskState::Pending, 5, Some("garbage"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cursor `garbage`"), "{err}");
+}
+
 async fn concurrent_claims_never_share_a_task(backend: Backend) {
     let ts = TestStore::new(backend).await.unwrap();
     for n in 0..200 {
@@ -655,6 +716,7 @@ rebound_tests::on_both_stores!(
     cancel_of_a_running_task_is_applied_when_its_attempt_ends,
     retry_requeues_failed_and_canceled_tasks_only,
     finished_tasks_are_deleted_after_their_retention,
+    listing_by_state_pages_through_every_task_once,
     concurrent_claims_never_share_a_task,
     queues_and_counts_are_per_queue,
 );

@@ -38,7 +38,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Mutex;
 
-use super::{AttemptRef, FailedAttempt, NextStep, Requeued, Store, StoreError, now_ms};
+use super::{AttemptRef, FailedAttempt, NextStep, Requeued, Store, StoreError, TaskPage, now_ms};
 use crate::task::{ERROR_HISTORY_LEN, Lease, NewTask, StateCounts, Task, TaskState};
 
 /// How long a transition waits for another connection's write transaction before it fails.
@@ -86,6 +86,9 @@ CREATE TABLE tasks (
 -- entries of its queue instead of sorting the queue.
 CREATE INDEX tasks_claimable ON tasks (queue, priority DESC, run_at_ms, seq)
     WHERE state IN ('pending', 'retrying');
+
+-- Tasks by state in insertion order, for listing one state of a queue page by page.
+CREATE INDEX tasks_by_state ON tasks (queue, state, seq);
 
 -- Finished tasks by finish time, so trimming old ones reads only those.
 CREATE INDEX tasks_finished ON tasks (queue, finished_ms)
@@ -525,6 +528,45 @@ impl Store for EmbeddedStore {
                 load_task(&tx, &id)?.ok_or_else(|| StoreError::NotFound { id: id.clone() })?;
             tx.commit()?;
             Ok(task)
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        queue: &str,
+        state: TaskState,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<TaskPage, StoreError> {
+        // The cursor is the insertion sequence number of the last task shown.
+        let after: i64 = match cursor {
+            None => 0,
+            Some(cursor) => cursor.parse().map_err(|_| {
+                StoreError::Invalid(format!("cursor `{cursor}` is not one this listing gave"))
+            })?,
+        };
+        let queue = queue.to_owned();
+        let limit = limit.clamp(1, 1000);
+        self.run("list", move |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT seq, {TASK_COLUMNS} FROM tasks
+                 WHERE queue = ?1 AND state = ?2 AND seq > ?3
+                 ORDER BY seq
+                 LIMIT ?4"
+            ))?;
+            let page_size = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = stmt
+                .query_map(rusqlite::params![queue, state, after, page_size], |row| {
+                    Ok((row.get::<_, i64>("seq")?, task_from_row(row)?))
+                })?;
+            let rows = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+            let next = match rows.last() {
+                Some((seq, _)) if rows.len() == limit => Some(seq.to_string()),
+                _ => None,
+            };
+            let tasks = rows.into_iter().map(|(_, task)| task).collect();
+            Ok(TaskPage { tasks, next })
         })
         .await
     }

@@ -146,6 +146,15 @@ pub struct FailedAttempt {
     pub progress: u8,
 }
 
+/// One page of [`Store::list`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskPage {
+    /// The tasks of this page.
+    pub tasks: Vec<Task>,
+    /// The cursor of the next page; `None` when this was the last.
+    pub next: Option<String>,
+}
+
 /// What [`Store::requeue_expired`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Requeued {
@@ -227,6 +236,19 @@ pub trait Store: Send + Sync + 'static {
     /// (attempts and lease losses from zero; the error history stays). Any other state is
     /// [`StoreError::WrongState`].
     async fn retry(&self, id: &str) -> Result<Task, StoreError>;
+
+    /// One page of at most `limit` tasks of `queue` in `state`, starting at `cursor` (`None`
+    /// for the first page; then the `next` of the page before). The cost of a call is
+    /// bounded whatever the queue's size, so a page may hold fewer than `limit` tasks and
+    /// still not be the last. Tasks that change state between pages may be missed or shown
+    /// twice. A cursor this store did not hand out is [`StoreError::Invalid`].
+    async fn list(
+        &self,
+        queue: &str,
+        state: TaskState,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<TaskPage, StoreError>;
 
     /// Deletes up to `max` tasks of `queue` that finished (completed, failed or canceled)
     /// more than `retention` ago, and returns how many it deleted. Their counts go down

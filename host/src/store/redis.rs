@@ -30,7 +30,7 @@ use async_trait::async_trait;
 use fred::prelude::*;
 use fred::types::scripts::Script;
 
-use super::{AttemptRef, FailedAttempt, NextStep, Requeued, Store, StoreError};
+use super::{AttemptRef, FailedAttempt, NextStep, Requeued, Store, StoreError, TaskPage};
 use crate::backoff::RetryPolicy;
 use crate::task::{ERROR_HISTORY_LEN, Lease, MAX_PRIORITY, NewTask, StateCounts, Task, TaskState};
 
@@ -78,6 +78,7 @@ struct Scripts {
     cancel: Script,
     retry: Script,
     trim: Script,
+    list: Script,
 }
 
 impl Scripts {
@@ -94,6 +95,7 @@ impl Scripts {
             cancel: Script::from_lua(include_str!("lua/cancel.lua")),
             retry: Script::from_lua(include_str!("lua/retry.lua")),
             trim: Script::from_lua(include_str!("lua/trim.lua")),
+            list: Script::from_lua(include_str!("lua/list.lua")),
         }
     }
 }
@@ -558,6 +560,53 @@ impl Store for RedisStore {
         }
     }
 
+    async fn list(
+        &self,
+        queue: &str,
+        state: TaskState,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<TaskPage, StoreError> {
+        // The sorted sets that can hold a task in `state`.
+        let sets: &[&str] = match state {
+            TaskState::Pending | TaskState::Retrying => &["ready", "scheduled"],
+            TaskState::Running => &["running"],
+            TaskState::Completed => &["completed"],
+            TaskState::Failed => &["failed"],
+            TaskState::Canceled => &["canceled"],
+        };
+        let (set, rank) = match cursor {
+            None => (1, 0),
+            Some(cursor) => parse_cursor(cursor, sets.len())?,
+        };
+        let keys: Vec<String> = sets.iter().map(|set| keys::queue_key(queue, set)).collect();
+        let limit = limit.clamp(1, MAX_PAGE);
+        let args: Vec<String> = vec![
+            state.as_str().to_owned(),
+            set.to_string(),
+            rank.to_string(),
+            limit.to_string(),
+            (limit * 10).to_string(),
+            keys::task_prefix(queue),
+        ];
+        let reply: Value = self
+            .scripts
+            .list
+            .evalsha_with_reload(&self.client, keys, args)
+            .await
+            .map_err(|err| StoreError::backend("list", err))?;
+
+        let mut reply = reply.into_array().into_iter();
+        let next_set = reply.next().and_then(|v| v.as_u64()).unwrap_or(0);
+        let next_rank = reply.next().and_then(|v| v.as_u64()).unwrap_or(0);
+        let tasks = reply
+            .map(|fields| task_from_fields(fields.into_array()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| StoreError::backend("list", err))?;
+        let next = (next_set != 0).then(|| format!("{next_set}:{next_rank}"));
+        Ok(TaskPage { tasks, next })
+    }
+
     async fn trim_finished(
         &self,
         queue: &str,
@@ -648,6 +697,21 @@ impl Store for RedisStore {
         queues.sort();
         Ok(queues)
     }
+}
+
+/// The most tasks one page of a listing holds.
+const MAX_PAGE: usize = 1000;
+
+/// Reads a listing cursor `SET:RANK`, checking it against the number of sets walked.
+fn parse_cursor(cursor: &str, sets: usize) -> Result<(usize, u64), StoreError> {
+    let invalid = || StoreError::Invalid(format!("cursor `{cursor}` is not one this listing gave"));
+    let (set, rank) = cursor.split_once(':').ok_or_else(invalid)?;
+    let set: usize = set.parse().map_err(|_| invalid())?;
+    let rank: u64 = rank.parse().map_err(|_| invalid())?;
+    if set == 0 || set > sets {
+        return Err(invalid());
+    }
+    Ok((set, rank))
 }
 
 /// The error for a script's "final:STATE" or "state:STATE" answer.
