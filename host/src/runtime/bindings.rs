@@ -12,4 +12,4 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub use rebound::plugin::types::{Level, RetryAfter};
+pub use self::rebound::plugin::types::{Level, RetryAfter};
