@@ -7,19 +7,7 @@
 //! points at the task's queue, so that a task can be found by its id alone and ids stay
 //! unique across queues.
 //!
-//! | key                         | type   | holds                                          |
-//! |-----------------------------|--------|------------------------------------------------|
-//! | `{rebound:Q}:task:ID`       | hash   | one task's fields                              |
-//! | `{rebound:Q}:ready`         | zset   | claimable tasks, scored by priority then time  |
-//! | `{rebound:Q}:scheduled`     | zset   | delayed and retrying tasks, scored by run time |
-//! | `{rebound:Q}:running`       | zset   | running tasks, scored by lease deadline        |
-//! | `{rebound:Q}:completed`     | zset   | completed tasks, scored by finish time         |
-//! | `{rebound:Q}:failed`        | zset   | failed tasks, scored by finish time            |
-//! | `{rebound:Q}:canceled`      | zset   | canceled tasks, scored by finish time          |
-//! | `{rebound:Q}:cancels`       | set    | running tasks whose cancellation was asked for |
-//! | `{rebound:Q}:counts`        | hash   | state name → number of tasks, for O(1) stats   |
-//! | `rebound:queues`            | set    | every queue name                               |
-//! | `rebound:id:ID`             | string | the queue of task ID                           |
+//! Every key, its type and the transitions that write it are listed in `docs/redis-layout.md`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
