@@ -166,6 +166,35 @@ pub struct Task {
     pub lease: Option<Lease>,
 }
 
+impl Task {
+    /// The task that submission `new` becomes, with id `id`, created at `now` (ms since the
+    /// Unix epoch): pending, and claimable once its delay has passed.
+    pub fn submitted(id: String, new: NewTask, now: u64) -> Task {
+        Task {
+            id,
+            queue: new.queue,
+            params: new.params,
+            state: TaskState::Pending,
+            priority: new.priority,
+            attempt: 0,
+            retry: new.retry,
+            run_at_ms: now.saturating_add(new.delay_ms),
+            progress: 0,
+            result: None,
+            last_error: None,
+            errors: Vec::new(),
+            exhausted_hook_runs: 0,
+            lease_losses: 0,
+            cancel_requested: false,
+            created_ms: now,
+            updated_ms: now,
+            started_ms: None,
+            finished_ms: None,
+            lease: None,
+        }
+    }
+}
+
 /// What a producer submits.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct NewTask {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use rebound::backoff::{RetryPolicy, Strategy};
 use rebound::runtime::SandboxLimits;
-use rebound::task::{NewTask, TaskState};
+use rebound::task::{NewTask, Task, TaskState};
 use rebound_tests::{Backend, TestHost, TestStore, test_config, wait_for_state, wait_until_final};
 use serde_json::{Value, json};
 
@@ -20,11 +20,27 @@ fn fixed(interval_ms: u64, max_retry_count: u32) -> RetryPolicy {
     }
 }
 
-fn task(queue: &str, params: Value, retry: Option<RetryPolicy>) -> NewTask {
-    NewTask {
+/// Submits a task straight to the store.
+async fn submit(store: &TestStore, queue: &str, params: Value, retry: Option<RetryPolicy>) -> Task {
+    let task = NewTask {
         retry,
         ..NewTask::new(queue, params.to_string())
-    }
+    };
+    store.store.create(task).await.unwrap()
+}
+
+/// Waits until the task has finished, and returns it.
+async fn finished(store: &TestStore, id: &str) -> Task {
+    wait_until_final(store.store.as_ref(), id, LIMIT)
+        .await
+        .unwrap()
+}
+
+/// Waits until the task is in `state`, and returns it.
+async fn reached(store: &TestStore, id: &str, state: TaskState) -> Task {
+    wait_for_state(store.store.as_ref(), id, state, LIMIT)
+        .await
+        .unwrap()
 }
 
 async fn echo_completes_with_its_params(backend: Backend) {
@@ -32,14 +48,8 @@ async fn echo_completes_with_its_params(backend: Backend) {
     let host = TestHost::start(store.store.clone(), &["echo"], test_config());
 
     let params = json!({"text": "hello", "n": [1, 2, 3]});
-    let created = store
-        .store
-        .create(task("echo", params.clone(), None))
-        .await
-        .unwrap();
-    let done = wait_until_final(store.store.as_ref(), &created.id, LIMIT)
-        .await
-        .unwrap();
+    let created = submit(&store, "echo", params.clone(), None).await;
+    let done = finished(&store, &created.id).await;
 
     assert_eq!(done.state, TaskState::Completed);
     assert_eq!(done.attempt, 1);
@@ -53,11 +63,13 @@ async fn flaky_retries_with_fixed_backoff_then_completes(backend: Backend) {
     let store = TestStore::new(backend).await.unwrap();
     let host = TestHost::start(store.store.clone(), &["flaky"], test_config());
 
-    let created = store
-        .store
-        .create(task("flaky", json!({"succeed_at": 3}), Some(fixed(100, 5))))
-        .await
-        .unwrap();
+    let created = submit(
+        &store,
+        "flaky",
+        json!({"succeed_at": 3}),
+        Some(fixed(100, 5)),
+    )
+    .await;
 
     // Watch the task and note when each attempt starts.
     let mut starts: Vec<(u32, u64)> = Vec::new();
@@ -92,14 +104,14 @@ async fn exhausted_retries_fail_and_run_the_hook_once(backend: Backend) {
     let store = TestStore::new(backend).await.unwrap();
     let host = TestHost::start(store.store.clone(), &["flaky"], test_config());
 
-    let created = store
-        .store
-        .create(task("flaky", json!({"succeed_at": 10}), Some(fixed(10, 2))))
-        .await
-        .unwrap();
-    let done = wait_until_final(store.store.as_ref(), &created.id, LIMIT)
-        .await
-        .unwrap();
+    let created = submit(
+        &store,
+        "flaky",
+        json!({"succeed_at": 10}),
+        Some(fixed(10, 2)),
+    )
+    .await;
+    let done = finished(&store, &created.id).await;
 
     assert_eq!(done.state, TaskState::Failed);
     assert_eq!(
@@ -122,14 +134,8 @@ async fn fatal_failure_is_not_retried(backend: Backend) {
     let store = TestStore::new(backend).await.unwrap();
     let host = TestHost::start(store.store.clone(), &["flaky"], test_config());
 
-    let created = store
-        .store
-        .create(task("flaky", json!({"fatal": true}), Some(fixed(10, 5))))
-        .await
-        .unwrap();
-    let done = wait_until_final(store.store.as_ref(), &created.id, LIMIT)
-        .await
-        .unwrap();
+    let created = submit(&store, "flaky", json!({"fatal": true}), Some(fixed(10, 5))).await;
+    let done = finished(&store, &created.id).await;
 
     assert_eq!(done.state, TaskState::Failed);
     assert_eq!(done.attempt, 1);
@@ -147,22 +153,9 @@ async fn retry_after_waits_the_handlers_delay(backend: Backend) {
 
     // The policy says 10 ms; the handler asks for 400 ms, which must win.
     let params = json!({"succeed_at": 2, "retry_after_ms": 400});
-    let created = store
-        .store
-        .create(task("flaky", params, Some(fixed(10, 3))))
-        .await
-        .unwrap();
-    let retrying = wait_for_state(
-        store.store.as_ref(),
-        &created.id,
-        TaskState::Retrying,
-        LIMIT,
-    )
-    .await
-    .unwrap();
-    let done = wait_until_final(store.store.as_ref(), &created.id, LIMIT)
-        .await
-        .unwrap();
+    let created = submit(&store, "flaky", params, Some(fixed(10, 3))).await;
+    let retrying = reached(&store, &created.id, TaskState::Retrying).await;
+    let done = finished(&store, &created.id).await;
 
     assert_eq!(done.state, TaskState::Completed);
     assert_eq!(done.attempt, 2);
@@ -187,25 +180,13 @@ async fn spinning_task_times_out_while_others_run(backend: Backend) {
     };
     let host = TestHost::start(store.store.clone(), &["sleepy", "echo"], config);
 
-    let spin = store
-        .store
-        .create(task("sleepy", json!({"ms": 10_000}), Some(fixed(10, 0))))
-        .await
-        .unwrap();
-    wait_for_state(store.store.as_ref(), &spin.id, TaskState::Running, LIMIT)
-        .await
-        .unwrap();
+    let spin = submit(&store, "sleepy", json!({"ms": 10_000}), Some(fixed(10, 0))).await;
+    reached(&store, &spin.id, TaskState::Running).await;
     let submitted = std::time::Instant::now();
 
     // While sleepy spins, an echo task still gets a worker and completes.
-    let echo = store
-        .store
-        .create(task("echo", json!({"while": "spinning"}), None))
-        .await
-        .unwrap();
-    let echoed = wait_until_final(store.store.as_ref(), &echo.id, LIMIT)
-        .await
-        .unwrap();
+    let echo = submit(&store, "echo", json!({"while": "spinning"}), None).await;
+    let echoed = finished(&store, &echo.id).await;
     assert_eq!(echoed.state, TaskState::Completed);
     let spun = store.store.get(&spin.id).await.unwrap().unwrap();
     assert_eq!(
@@ -214,9 +195,7 @@ async fn spinning_task_times_out_while_others_run(backend: Backend) {
         "echo finished while sleepy spun"
     );
 
-    let failed = wait_until_final(store.store.as_ref(), &spin.id, LIMIT)
-        .await
-        .unwrap();
+    let failed = finished(&store, &spin.id).await;
     let took = submitted.elapsed();
     assert_eq!(failed.state, TaskState::Failed);
     let error = failed.last_error.unwrap();
@@ -241,18 +220,14 @@ async fn deadline_stops_a_guest_blocked_in_a_wasi_sleep(backend: Backend) {
         ..test_config()
     };
     let host = TestHost::start(store.store.clone(), &["sleepy"], config);
-    let created = store
-        .store
-        .create(task(
-            "sleepy",
-            json!({"ms": 3_600_000, "sleep": true}),
-            Some(fixed(10, 0)),
-        ))
-        .await
-        .unwrap();
-    let failed = wait_until_final(store.store.as_ref(), &created.id, LIMIT)
-        .await
-        .unwrap();
+    let created = submit(
+        &store,
+        "sleepy",
+        json!({"ms": 3_600_000, "sleep": true}),
+        Some(fixed(10, 0)),
+    )
+    .await;
+    let failed = finished(&store, &created.id).await;
     assert_eq!(failed.state, TaskState::Failed);
     let error = failed.last_error.unwrap();
     assert!(error.starts_with("timeout:"), "{error}");
@@ -268,23 +243,15 @@ async fn canceling_a_running_task_stops_it_for_good(backend: Backend) {
     let store = TestStore::new(backend).await.unwrap();
     let host = TestHost::start(store.store.clone(), &["sleepy"], test_config());
     for params in [json!({"ms": 60_000}), json!({"ms": 60_000, "sleep": true})] {
-        let created = store
-            .store
-            .create(task("sleepy", params, Some(fixed(10, 5))))
-            .await
-            .unwrap();
-        wait_for_state(store.store.as_ref(), &created.id, TaskState::Running, LIMIT)
-            .await
-            .unwrap();
+        let created = submit(&store, "sleepy", params, Some(fixed(10, 5))).await;
+        reached(&store, &created.id, TaskState::Running).await;
 
         let asked = std::time::Instant::now();
         assert_eq!(
             store.store.cancel(&created.id).await.unwrap(),
             TaskState::Running
         );
-        let done = wait_until_final(store.store.as_ref(), &created.id, LIMIT)
-            .await
-            .unwrap();
+        let done = finished(&store, &created.id).await;
         let took = asked.elapsed();
         assert_eq!(done.state, TaskState::Canceled, "{done:#?}");
         assert!(took < Duration::from_secs(1), "stopping took {took:?}");
@@ -309,34 +276,18 @@ async fn fuel_budget_stops_long_work_and_lets_short_work_finish(backend: Backend
     let host = TestHost::start(store.store.clone(), &["sleepy", "echo"], config);
 
     // Within the budget: echo, and a few milliseconds of spinning.
-    let short = store
-        .store
-        .create(task("sleepy", json!({"ms": 2}), None))
-        .await
-        .unwrap();
-    let echo = store
-        .store
-        .create(task("echo", json!({}), None))
-        .await
-        .unwrap();
+    let short = submit(&store, "sleepy", json!({"ms": 2}), None).await;
+    let echo = submit(&store, "echo", json!({}), None).await;
     // Over it: ten seconds of spinning burns far more than 200 million units.
-    let long = store
-        .store
-        .create(task("sleepy", json!({"ms": 10_000}), Some(fixed(10, 0))))
-        .await
-        .unwrap();
+    let long = submit(&store, "sleepy", json!({"ms": 10_000}), Some(fixed(10, 0))).await;
 
     for id in [&short.id, &echo.id] {
-        let done = wait_until_final(store.store.as_ref(), id, LIMIT)
-            .await
-            .unwrap();
+        let done = finished(&store, id).await;
         assert_eq!(done.state, TaskState::Completed, "{done:#?}");
     }
     let short = store.store.get(&short.id).await.unwrap().unwrap();
     assert_eq!(short.progress, 100, "sleepy reports its progress");
-    let failed = wait_until_final(store.store.as_ref(), &long.id, LIMIT)
-        .await
-        .unwrap();
+    let failed = finished(&store, &long.id).await;
     assert_eq!(failed.state, TaskState::Failed);
     let error = failed.last_error.unwrap();
     assert!(error.starts_with("out_of_fuel:"), "{error}");
@@ -350,14 +301,8 @@ async fn shutdown_hands_running_tasks_back_uncharged(backend: Backend) {
         ..test_config()
     };
     let host = TestHost::start(store.store.clone(), &["sleepy"], config);
-    let created = store
-        .store
-        .create(task("sleepy", json!({"ms": 1500}), Some(fixed(10, 0))))
-        .await
-        .unwrap();
-    wait_for_state(store.store.as_ref(), &created.id, TaskState::Running, LIMIT)
-        .await
-        .unwrap();
+    let created = submit(&store, "sleepy", json!({"ms": 1500}), Some(fixed(10, 0))).await;
+    reached(&store, &created.id, TaskState::Running).await;
 
     // The grace period is shorter than the task: it is interrupted and handed back.
     host.shutdown().await;
@@ -370,9 +315,7 @@ async fn shutdown_hands_running_tasks_back_uncharged(backend: Backend) {
 
     // With no retries at all, the next host still runs it to completion.
     let next = TestHost::start(store.store.clone(), &["sleepy"], test_config());
-    let done = wait_until_final(store.store.as_ref(), &created.id, LIMIT)
-        .await
-        .unwrap();
+    let done = finished(&store, &created.id).await;
     assert_eq!(done.state, TaskState::Completed);
     assert_eq!(done.attempt, 1);
     next.shutdown().await;
@@ -386,17 +329,11 @@ async fn two_hosts_never_run_a_task_twice(backend: Backend) {
 
     let mut ids = Vec::new();
     for n in 0..60 {
-        let created = store
-            .store
-            .create(task("echo", json!({ "n": n }), None))
-            .await
-            .unwrap();
+        let created = submit(&store, "echo", json!({ "n": n }), None).await;
         ids.push(created.id);
     }
     for id in &ids {
-        let done = wait_until_final(store.store.as_ref(), id, LIMIT)
-            .await
-            .unwrap();
+        let done = finished(&store, id).await;
         assert_eq!(done.state, TaskState::Completed);
         assert_eq!(done.attempt, 1, "task {id} ran more than once");
     }

@@ -296,7 +296,11 @@ impl Store for EmbeddedStore {
         new.validate().map_err(StoreError::Invalid)?;
         self.run("create", move |conn| {
             let tx = begin(conn)?;
-            let task = new_task(new, now_ms());
+            let id = new
+                .id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+            let task = Task::submitted(id, new, now_ms());
             ensure_unique_id(&tx, &task.id)?;
             insert_task(&tx, &task)?;
             tx.execute(
@@ -641,32 +645,6 @@ impl Store for EmbeddedStore {
             Ok(names.collect::<rusqlite::Result<Vec<String>>>()?)
         })
         .await
-    }
-}
-
-/// The task a validated submission becomes at `now`.
-fn new_task(new: NewTask, now: u64) -> Task {
-    Task {
-        id: new.id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
-        queue: new.queue,
-        params: new.params,
-        state: TaskState::Pending,
-        priority: new.priority,
-        attempt: 0,
-        retry: new.retry,
-        run_at_ms: stored_ms(now.saturating_add(new.delay_ms)),
-        progress: 0,
-        result: None,
-        last_error: None,
-        errors: Vec::new(),
-        exhausted_hook_runs: 0,
-        lease_losses: 0,
-        cancel_requested: false,
-        created_ms: now,
-        updated_ms: now,
-        started_ms: None,
-        finished_ms: None,
-        lease: None,
     }
 }
 

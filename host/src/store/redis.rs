@@ -53,6 +53,17 @@ mod keys {
     }
 }
 
+/// A transition script from `lua/`, with the helpers of `lua/common.lua` in front of it.
+macro_rules! script {
+    ($name:literal) => {
+        Script::from_lua(concat!(
+            include_str!("lua/common.lua"),
+            "\n",
+            include_str!(concat!("lua/", $name, ".lua"))
+        ))
+    };
+}
+
 /// The transition scripts, loaded once and run by their SHA-1.
 struct Scripts {
     create: Script,
@@ -72,18 +83,18 @@ struct Scripts {
 impl Scripts {
     fn new() -> Self {
         Scripts {
-            create: Script::from_lua(include_str!("lua/create.lua")),
-            claim: Script::from_lua(include_str!("lua/claim.lua")),
-            complete: Script::from_lua(include_str!("lua/complete.lua")),
-            fail: Script::from_lua(include_str!("lua/fail.lua")),
-            progress: Script::from_lua(include_str!("lua/progress.lua")),
-            heartbeat: Script::from_lua(include_str!("lua/heartbeat.lua")),
-            release: Script::from_lua(include_str!("lua/release.lua")),
-            requeue: Script::from_lua(include_str!("lua/requeue.lua")),
-            cancel: Script::from_lua(include_str!("lua/cancel.lua")),
-            retry: Script::from_lua(include_str!("lua/retry.lua")),
-            trim: Script::from_lua(include_str!("lua/trim.lua")),
-            list: Script::from_lua(include_str!("lua/list.lua")),
+            create: script!("create"),
+            claim: script!("claim"),
+            complete: script!("complete"),
+            fail: script!("fail"),
+            progress: script!("progress"),
+            heartbeat: script!("heartbeat"),
+            release: script!("release"),
+            requeue: script!("requeue"),
+            cancel: script!("cancel"),
+            retry: script!("retry"),
+            trim: script!("trim"),
+            list: script!("list"),
         }
     }
 }
@@ -275,28 +286,7 @@ impl Store for RedisStore {
         }
         let now: u64 = answer.get(1).and_then(|s| s.parse().ok()).unwrap_or(0);
 
-        Ok(Task {
-            id,
-            queue: task.queue,
-            params: task.params,
-            state: TaskState::Pending,
-            priority: task.priority,
-            attempt: 0,
-            retry: task.retry,
-            run_at_ms: now.saturating_add(task.delay_ms),
-            progress: 0,
-            result: None,
-            last_error: None,
-            errors: Vec::new(),
-            exhausted_hook_runs: 0,
-            lease_losses: 0,
-            cancel_requested: false,
-            created_ms: now,
-            updated_ms: now,
-            started_ms: None,
-            finished_ms: None,
-            lease: None,
-        })
+        Ok(Task::submitted(id, task, now))
     }
 
     async fn claim(

@@ -24,8 +24,7 @@ if state ~= 'pending' and state ~= 'retrying' then
   return 'final:' .. state
 end
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('HSET', KEYS[1], 'state', 'canceled', 'finished', now, 'updated', now)

@@ -12,8 +12,7 @@
 --
 -- Returns one array per claimed task: the task hash's fields and values, as HGETALL gives them.
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local max = tonumber(ARGV[1])
 local prefix = ARGV[4]
 local top = tonumber(ARGV[5])
@@ -24,8 +23,7 @@ local due = redis.call('ZRANGE', KEYS[2], '-inf', now, 'BYSCORE', 'LIMIT', 0, 10
 for i = 1, #due, 2 do
   local id, run_at = due[i], tonumber(due[i + 1])
   local priority = tonumber(redis.call('HGET', prefix .. id, 'priority') or '0')
-  local score = (top - priority) * 4398046511104 + run_at
-  redis.call('ZADD', KEYS[1], string.format('%.0f', score), id)
+  redis.call('ZADD', KEYS[1], ready_score(top, priority, run_at), id)
   redis.call('ZREM', KEYS[2], id)
 end
 

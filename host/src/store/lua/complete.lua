@@ -12,13 +12,12 @@
 --
 -- Returns "ok", or "lost:STATE" when the lease is not held (nothing is changed then).
 
-local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'running' or redis.call('HGET', KEYS[1], 'token') ~= ARGV[2] then
-  return 'lost:' .. (state or 'missing')
+local lost = lease_not_held(KEYS[1], ARGV[2])
+if lost then
+  return lost
 end
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local progress = math.max(tonumber(redis.call('HGET', KEYS[1], 'progress') or '0'), tonumber(ARGV[4]))
 
 redis.call('HSET', KEYS[1], 'state', 'completed', 'result', ARGV[3], 'progress', progress,

@@ -18,8 +18,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   return {'duplicate'}
 end
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local priority = tonumber(ARGV[4])
 local run_at = now + tonumber(ARGV[5])
 
@@ -31,11 +30,8 @@ if ARGV[6] ~= '' then
   redis.call('HSET', KEYS[1], 'retry', ARGV[6])
 end
 
--- Claim order is priority first, then readiness time. Both fit exactly in one double:
--- readiness in ms needs 42 bits until the year 2109, priorities need 11 more.
 if run_at <= now then
-  local score = (tonumber(ARGV[7]) - priority) * 4398046511104 + run_at
-  redis.call('ZADD', KEYS[2], string.format('%.0f', score), ARGV[1])
+  redis.call('ZADD', KEYS[2], ready_score(tonumber(ARGV[7]), priority, run_at), ARGV[1])
 else
   redis.call('ZADD', KEYS[3], run_at, ARGV[1])
 end

@@ -19,24 +19,16 @@
 -- Returns the new state ("retrying", "failed" or "canceled"), or "lost:STATE" when the lease
 -- is not held.
 
-local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'running' or redis.call('HGET', KEYS[1], 'token') ~= ARGV[2] then
-  return 'lost:' .. (state or 'missing')
+local lost = lease_not_held(KEYS[1], ARGV[2])
+if lost then
+  return lost
 end
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local progress = math.max(tonumber(redis.call('HGET', KEYS[1], 'progress') or '0'), tonumber(ARGV[6]))
 
--- Keep the newest errors only, oldest first.
-local errors = cjson.decode(redis.call('HGET', KEYS[1], 'errors') or '[]')
-errors[#errors + 1] = ARGV[3]
-while #errors > tonumber(ARGV[7]) do
-  table.remove(errors, 1)
-end
-
-redis.call('HSET', KEYS[1], 'last_error', ARGV[3], 'errors', cjson.encode(errors),
-  'progress', progress, 'updated', now)
+push_error(KEYS[1], ARGV[3], tonumber(ARGV[7]))
+redis.call('HSET', KEYS[1], 'progress', progress, 'updated', now)
 redis.call('HDEL', KEYS[1], 'owner', 'lease_deadline')
 if ARGV[5] == '1' then
   redis.call('HINCRBY', KEYS[1], 'hook_runs', 1)
@@ -45,11 +37,7 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HINCRBY', KEYS[5], 'running', -1)
 
 if redis.call('HGET', KEYS[1], 'cancel') then
-  redis.call('HDEL', KEYS[1], 'cancel')
-  redis.call('SREM', KEYS[7], ARGV[1])
-  redis.call('HSET', KEYS[1], 'state', 'canceled', 'finished', now)
-  redis.call('ZADD', KEYS[6], now, ARGV[1])
-  redis.call('HINCRBY', KEYS[5], 'canceled', 1)
+  end_canceled(KEYS[1], ARGV[1], KEYS[6], KEYS[7], KEYS[5], now)
   return 'canceled'
 end
 

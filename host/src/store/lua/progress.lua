@@ -6,9 +6,9 @@
 --
 -- Returns "ok", or "lost:STATE" when the lease is not held.
 
-local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'running' or redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then
-  return 'lost:' .. (state or 'missing')
+local lost = lease_not_held(KEYS[1], ARGV[1])
+if lost then
+  return lost
 end
 local stored = tonumber(redis.call('HGET', KEYS[1], 'progress') or '0')
 if tonumber(ARGV[2]) > stored then

@@ -15,12 +15,11 @@
 --
 -- Returns "ok" (or "canceled"), or "lost:STATE" when the lease is not held.
 
-local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'running' or redis.call('HGET', KEYS[1], 'token') ~= ARGV[2] then
-  return 'lost:' .. (state or 'missing')
+local lost = lease_not_held(KEYS[1], ARGV[2])
+if lost then
+  return lost
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local progress = math.max(tonumber(redis.call('HGET', KEYS[1], 'progress') or '0'), tonumber(ARGV[4]))
 local priority = tonumber(redis.call('HGET', KEYS[1], 'priority'))
 
@@ -29,16 +28,11 @@ redis.call('HDEL', KEYS[1], 'owner', 'lease_deadline')
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('HINCRBY', KEYS[4], 'running', -1)
 if redis.call('HGET', KEYS[1], 'cancel') then
-  redis.call('HDEL', KEYS[1], 'cancel')
-  redis.call('SREM', KEYS[6], ARGV[1])
-  redis.call('HSET', KEYS[1], 'state', 'canceled', 'finished', now)
-  redis.call('ZADD', KEYS[5], now, ARGV[1])
-  redis.call('HINCRBY', KEYS[4], 'canceled', 1)
+  end_canceled(KEYS[1], ARGV[1], KEYS[5], KEYS[6], KEYS[4], now)
   return 'canceled'
 end
 redis.call('HINCRBY', KEYS[1], 'attempt', -1)
 redis.call('HSET', KEYS[1], 'state', 'pending', 'run_at', now)
-local score = (tonumber(ARGV[3]) - priority) * 4398046511104 + now
-redis.call('ZADD', KEYS[2], string.format('%.0f', score), ARGV[1])
+redis.call('ZADD', KEYS[2], ready_score(tonumber(ARGV[3]), priority, now), ARGV[1])
 redis.call('HINCRBY', KEYS[4], 'pending', 1)
 return 'ok'

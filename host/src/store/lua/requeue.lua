@@ -19,8 +19,7 @@
 --
 -- Returns {number requeued, number failed, number canceled}.
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local expired = redis.call('ZRANGE', KEYS[2], '-inf', now - 1, 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[1]))
 local requeued, failed, canceled = 0, 0, 0
 
@@ -34,22 +33,13 @@ for _, id in ipairs(expired) do
     redis.call('HSET', key, 'updated', now)
     redis.call('HINCRBY', KEYS[4], 'running', -1)
     if redis.call('HGET', key, 'cancel') then
-      redis.call('HDEL', key, 'cancel')
-      redis.call('SREM', KEYS[6], id)
-      redis.call('HSET', key, 'state', 'canceled', 'finished', now)
-      redis.call('ZADD', KEYS[5], now, id)
-      redis.call('HINCRBY', KEYS[4], 'canceled', 1)
+      end_canceled(key, id, KEYS[5], KEYS[6], KEYS[4], now)
       canceled = canceled + 1
     elseif losses > tonumber(ARGV[4]) then
       local message = 'lost its lease ' .. losses .. ' times (last held by ' .. owner ..
         '); its hosts keep dying or stalling, so it is not run again'
-      local errors = cjson.decode(redis.call('HGET', key, 'errors') or '[]')
-      errors[#errors + 1] = message
-      while #errors > tonumber(ARGV[5]) do
-        table.remove(errors, 1)
-      end
-      redis.call('HSET', key, 'state', 'failed', 'finished', now, 'last_error', message,
-        'errors', cjson.encode(errors))
+      push_error(key, message, tonumber(ARGV[5]))
+      redis.call('HSET', key, 'state', 'failed', 'finished', now)
       redis.call('ZADD', KEYS[3], now, id)
       redis.call('HINCRBY', KEYS[4], 'failed', 1)
       failed = failed + 1
@@ -57,8 +47,7 @@ for _, id in ipairs(expired) do
       local priority = tonumber(redis.call('HGET', key, 'priority'))
       redis.call('HINCRBY', key, 'attempt', -1)
       redis.call('HSET', key, 'state', 'pending', 'run_at', now)
-      local score = (tonumber(ARGV[3]) - priority) * 4398046511104 + now
-      redis.call('ZADD', KEYS[1], string.format('%.0f', score), id)
+      redis.call('ZADD', KEYS[1], ready_score(tonumber(ARGV[3]), priority, now), id)
       redis.call('HINCRBY', KEYS[4], 'pending', 1)
       requeued = requeued + 1
     end

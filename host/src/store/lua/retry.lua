@@ -19,16 +19,14 @@ if state ~= 'failed' and state ~= 'canceled' then
   return 'state:' .. state
 end
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local priority = tonumber(redis.call('HGET', KEYS[1], 'priority'))
 redis.call('HSET', KEYS[1], 'state', 'pending', 'attempt', 0, 'lease_losses', 0, 'run_at', now,
   'updated', now)
 redis.call('HDEL', KEYS[1], 'finished', 'cancel')
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
-local score = (tonumber(ARGV[2]) - priority) * 4398046511104 + now
-redis.call('ZADD', KEYS[2], string.format('%.0f', score), ARGV[1])
+redis.call('ZADD', KEYS[2], ready_score(tonumber(ARGV[2]), priority, now), ARGV[1])
 redis.call('HINCRBY', KEYS[5], state, -1)
 redis.call('HINCRBY', KEYS[5], 'pending', 1)
 return 'ok'

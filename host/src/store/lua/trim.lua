@@ -11,8 +11,7 @@
 -- Returns the ids deleted, so the caller can drop their id index entries (which live in
 -- other slots).
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local cutoff = now - tonumber(ARGV[2])
 local budget = tonumber(ARGV[3])
 local deleted = {}
