@@ -163,8 +163,15 @@ struct SubmitArgs {
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     priority: i32,
     /// Wait this long before the task may run, in ms.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, conflicts_with_all = ["delay", "run_at"])]
     delay_ms: u64,
+    /// Wait this long before the task may run, e.g. `90s`, `5m`, `1h 30m`.
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "run_at")]
+    delay: Option<Duration>,
+    /// Run the task at this time (RFC 3339, e.g. `2026-12-24T18:00:00Z`), as this machine's
+    /// clock reads it; a time in the past runs it at once.
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+    run_at: Option<std::time::SystemTime>,
     /// Retry policy for this task; the host's policy applies when no flag is given.
     #[command(flatten)]
     retry: RetryArgs,
@@ -433,12 +440,19 @@ fn hostname() -> String {
 
 async fn submit(store: &dyn crate::store::Store, args: SubmitArgs) -> anyhow::Result<()> {
     let retry = (!args.retry.is_empty()).then(|| args.retry.policy());
+    let delay = match (args.delay, args.run_at) {
+        (Some(delay), _) => delay,
+        (None, Some(at)) => at
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+        (None, None) => Duration::from_millis(args.delay_ms),
+    };
     let task = NewTask {
         queue: args.queue,
         id: args.id,
         params: args.params,
         priority: args.priority,
-        delay_ms: args.delay_ms,
+        delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
         retry,
     };
     let task = store.create(task).await?;

@@ -21,10 +21,12 @@
 //! | [`runtime`]   | the wasmtime engine, plugins, and the per-attempt sandbox     |
 //! | [`scheduler`] | claiming tasks, running attempts, applying the retry policy   |
 //! | [`config`]    | the host's settings                                           |
+//! | [`client`]    | the library API: submit, inspect, and work on tasks by hand   |
 //! | [`cli`]       | the `rebound` command                                         |
 
 pub mod backoff;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod runtime;
 pub mod scheduler;

@@ -154,7 +154,19 @@ fn bad_input_is_refused_with_a_message_that_names_it() {
 #[test]
 fn cancel_and_retry_from_the_command_line() {
     let (_data, rebound) = embedded();
-    let id = rebound.submit("echo", "{}", &["--delay-ms", "60000"]);
+    let id = rebound.submit("echo", "{}", &["--delay", "1m"]);
+    let task = rebound.task(&id);
+    let delay = task["run_at_ms"].as_u64().unwrap() - task["created_ms"].as_u64().unwrap();
+    assert!((59_000..=60_000).contains(&delay), "{task}");
+    // A time in the past runs at once; one beyond the longest delay is refused.
+    let past = rebound.submit("echo", "{}", &["--run-at", "2020-01-01T00:00:00Z"]);
+    let task = rebound.task(&past);
+    assert_eq!(task["run_at_ms"], task["created_ms"], "{task}");
+    let out = rebound.output(&["submit", "echo", "--run-at", "2099-01-01T00:00:00Z"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is too long"));
+    let out = rebound.output(&["submit", "echo", "--delay", "soon"]);
+    assert!(!out.status.success());
+    rebound.ok(&["cancel", &past]);
     assert!(rebound.ok(&["cancel", &id]).contains("is canceled"));
     let out = rebound.output(&["cancel", &id]);
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -335,6 +335,32 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn claim_task(&self, id: &str, owner: &str, lease: Duration) -> Result<Task, StoreError> {
+        let id = id.to_owned();
+        let owner = owner.to_owned();
+        self.run("claim", move |conn| {
+            let tx = begin(conn)?;
+            let task =
+                load_task(&tx, &id)?.ok_or_else(|| StoreError::NotFound { id: id.clone() })?;
+            if !matches!(task.state, TaskState::Pending | TaskState::Retrying) {
+                return Err(StoreError::WrongState {
+                    id,
+                    action: "claim",
+                    state: task.state,
+                    allowed: "pending, delayed or retrying",
+                }
+                .into());
+            }
+            let seq: i64 = tx.query_row("SELECT seq FROM tasks WHERE id = ?1", [&id], |row| {
+                row.get(0)
+            })?;
+            let claimed = start_run(&tx, seq, task.state, &task.queue, &owner, lease, now_ms())?;
+            tx.commit()?;
+            Ok(claimed)
+        })
+        .await
+    }
+
     async fn complete(
         &self,
         attempt: &AttemptRef,
@@ -700,22 +726,36 @@ fn claim_due(
     now: u64,
 ) -> rusqlite::Result<Vec<Task>> {
     let due = due_tasks(tx, queue, max, now)?;
-    let deadline = stored_ms(now.saturating_add(duration_ms(lease)));
-
-    let mut start = tx.prepare_cached(&format!(
-        "UPDATE tasks SET state = 'running', attempt = attempt + 1, started_ms = ?2,
-             updated_ms = ?2, lease_owner = ?3, lease_deadline_ms = ?4,
-             lease_token = lease_token + 1
-         WHERE seq = ?1
-         RETURNING {TASK_COLUMNS}"
-    ))?;
     let mut claimed = Vec::with_capacity(due.len());
     for (seq, state) in due {
-        let task = start.query_row(rusqlite::params![seq, now, owner, deadline], task_from_row)?;
-        move_count(tx, queue, Some(state), TaskState::Running)?;
-        claimed.push(task);
+        claimed.push(start_run(tx, seq, state, queue, owner, lease, now)?);
     }
     Ok(claimed)
+}
+
+/// Moves the task with rowid `seq`, now in `state`, to `running` under a fresh lease for
+/// `owner`, one attempt further, and returns it as it is now.
+fn start_run(
+    tx: &Transaction<'_>,
+    seq: i64,
+    state: TaskState,
+    queue: &str,
+    owner: &str,
+    lease: Duration,
+    now: u64,
+) -> rusqlite::Result<Task> {
+    let deadline = stored_ms(now.saturating_add(duration_ms(lease)));
+    let task = tx
+        .prepare_cached(&format!(
+            "UPDATE tasks SET state = 'running', attempt = attempt + 1, started_ms = ?2,
+                 updated_ms = ?2, lease_owner = ?3, lease_deadline_ms = ?4,
+                 lease_token = lease_token + 1
+             WHERE seq = ?1
+             RETURNING {TASK_COLUMNS}"
+        ))?
+        .query_row(rusqlite::params![seq, now, owner, deadline], task_from_row)?;
+    move_count(tx, queue, Some(state), TaskState::Running)?;
+    Ok(task)
 }
 
 /// The rowids and states of the first `max` claimable tasks of `queue` that are due at `now`,

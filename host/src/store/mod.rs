@@ -185,6 +185,13 @@ pub trait Store: Send + Sync + 'static {
         lease: Duration,
     ) -> Result<Vec<Task>, StoreError>;
 
+    /// Claims the task `id` for `owner` now, whatever its place in the queue or its delay,
+    /// provided it is waiting (`pending` or `retrying`): it becomes `running` under a lease
+    /// of `lease`, one attempt further, as a claim would make it. This is the old framework's
+    /// "mark processing", for work done outside a plugin; any other state is
+    /// [`StoreError::WrongState`].
+    async fn claim_task(&self, id: &str, owner: &str, lease: Duration) -> Result<Task, StoreError>;
+
     /// Records a successful attempt: the task becomes `completed` with `result`.
     async fn complete(
         &self,

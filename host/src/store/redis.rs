@@ -78,6 +78,7 @@ struct Scripts {
     retry: Script,
     trim: Script,
     list: Script,
+    claim_task: Script,
 }
 
 impl Scripts {
@@ -95,6 +96,7 @@ impl Scripts {
             retry: script!("retry"),
             trim: script!("trim"),
             list: script!("list"),
+            claim_task: script!("claim_task"),
         }
     }
 }
@@ -321,6 +323,42 @@ impl Store for RedisStore {
             .map(|fields| task_from_fields(fields.into_array()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|err| StoreError::backend("claim", err))
+    }
+
+    async fn claim_task(&self, id: &str, owner: &str, lease: Duration) -> Result<Task, StoreError> {
+        let queue = self.queue_of(id, "claim").await?;
+        let keys = vec![
+            keys::task(&queue, id),
+            keys::queue_key(&queue, "ready"),
+            keys::queue_key(&queue, "scheduled"),
+            keys::queue_key(&queue, "running"),
+            keys::queue_key(&queue, "counts"),
+        ];
+        let args = vec![
+            id.to_owned(),
+            owner.to_owned(),
+            lease.as_millis().to_string(),
+        ];
+        let reply: Value = self
+            .scripts
+            .claim_task
+            .evalsha_with_reload(&self.client, keys, args)
+            .await
+            .map_err(|err| StoreError::backend("claim", err))?;
+        let fields = reply.into_array();
+        match fields.first().and_then(Value::as_str).as_deref() {
+            Some("missing") => Err(StoreError::NotFound { id: id.to_owned() }),
+            Some("state") => {
+                let state = fields.get(1).and_then(Value::as_str).unwrap_or_default();
+                Err(wrong_state(
+                    id,
+                    "claim",
+                    &state,
+                    "pending, delayed or retrying",
+                ))
+            }
+            _ => task_from_fields(fields).map_err(|err| StoreError::backend("claim", err)),
+        }
     }
 
     async fn complete(
