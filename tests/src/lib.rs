@@ -144,6 +144,108 @@ impl Drop for RedisServer {
     }
 }
 
+/// A Redis Cluster of three primaries of this test's own, on free loopback ports, keeping
+/// nothing on disk. Killed when dropped.
+pub struct RedisCluster {
+    nodes: Vec<Child>,
+    ports: Vec<u16>,
+    _dir: TempDir,
+}
+
+impl RedisCluster {
+    /// Starts three nodes, joins them into a cluster that covers every slot, and waits
+    /// until it reports itself healthy.
+    pub fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut cluster = RedisCluster {
+            nodes: Vec::new(),
+            ports: Vec::new(),
+            _dir: dir,
+        };
+        for _ in 0..3 {
+            let port = free_port()?;
+            let node_dir = cluster._dir.path().join(port.to_string());
+            std::fs::create_dir(&node_dir)?;
+            let child = Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args([
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--cluster-enabled",
+                    "yes",
+                ])
+                .arg("--dir")
+                .arg(&node_dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("cannot start redis-server")?;
+            cluster.nodes.push(child);
+            cluster.ports.push(port);
+            wait_for_port(port, Duration::from_secs(10))?;
+        }
+
+        let addresses: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .context("cannot run redis-cli (it comes with redis-server)")?;
+        anyhow::ensure!(created.success(), "redis-cli --cluster create failed");
+        cluster.wait_until_healthy(Duration::from_secs(20))?;
+        Ok(cluster)
+    }
+
+    /// The URL to connect to, naming every node.
+    pub fn url(&self) -> String {
+        let others: Vec<String> = self.ports[1..]
+            .iter()
+            .map(|p| format!("node=127.0.0.1:{p}"))
+            .collect();
+        format!(
+            "redis-cluster://127.0.0.1:{}?{}",
+            self.ports[0],
+            others.join("&")
+        )
+    }
+
+    fn wait_until_healthy(&self, limit: Duration) -> anyhow::Result<()> {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            let healthy = self.ports.iter().all(|port| {
+                Command::new("redis-cli")
+                    .args(["-p", &port.to_string(), "cluster", "info"])
+                    .output()
+                    .map(|out| String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok"))
+                    .unwrap_or(false)
+            });
+            if healthy {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("the Redis cluster did not become healthy within {limit:?}")
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            let _ = node.kill();
+            let _ = node.wait();
+        }
+    }
+}
+
 /// A port that was free a moment ago.
 fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
@@ -173,6 +275,8 @@ fn wait_for_port(port: u16, limit: Duration) -> anyhow::Result<()> {
 pub enum Backend {
     /// A private `redis-server`.
     Redis,
+    /// A private Redis Cluster of three nodes.
+    RedisCluster,
     /// A SQLite file in a temporary directory.
     Embedded,
 }
@@ -183,6 +287,8 @@ pub struct TestStore {
     pub store: SharedStore,
     /// The Redis server behind a Redis store.
     pub redis: Option<RedisServer>,
+    /// The Redis Cluster behind a clustered Redis store.
+    pub cluster: Option<RedisCluster>,
     /// The directory of an embedded store's file.
     pub dir: Option<TempDir>,
 }
@@ -197,6 +303,17 @@ impl TestStore {
                 Ok(TestStore {
                     store: Arc::new(store),
                     redis: Some(redis),
+                    cluster: None,
+                    dir: None,
+                })
+            }
+            Backend::RedisCluster => {
+                let cluster = RedisCluster::start()?;
+                let store = RedisStore::connect(&cluster.url()).await?;
+                Ok(TestStore {
+                    store: Arc::new(store),
+                    redis: None,
+                    cluster: Some(cluster),
                     dir: None,
                 })
             }
@@ -206,6 +323,7 @@ impl TestStore {
                 Ok(TestStore {
                     store: Arc::new(store),
                     redis: None,
+                    cluster: None,
                     dir: Some(dir),
                 })
             }
@@ -216,6 +334,9 @@ impl TestStore {
     pub async fn reopen(&self) -> anyhow::Result<SharedStore> {
         if let Some(redis) = &self.redis {
             return Ok(Arc::new(RedisStore::connect(&redis.url()).await?));
+        }
+        if let Some(cluster) = &self.cluster {
+            return Ok(Arc::new(RedisStore::connect(&cluster.url()).await?));
         }
         let dir = self
             .dir
@@ -318,8 +439,9 @@ pub async fn wait_until_final(
     wait_for(store, id, limit, |task| task.state.is_final()).await
 }
 
-/// Turns each named `async fn case(backend: Backend)` of the calling test file into two
-/// tests, `redis::case` and `embedded::case`, so every case runs on both stores.
+/// Turns each named `async fn case(backend: Backend)` of the calling test file into three
+/// tests, `redis::case`, `redis_cluster::case` and `embedded::case`, so every case runs on
+/// both stores, and on Redis both alone and as a cluster.
 #[macro_export]
 macro_rules! on_both_stores {
     ($($case:ident),* $(,)?) => {
@@ -329,6 +451,15 @@ macro_rules! on_both_stores {
                 async fn $case() {
                     $crate::init_logging();
                     super::$case($crate::Backend::Redis).await;
+                }
+            )*
+        }
+        mod redis_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    $crate::init_logging();
+                    super::$case($crate::Backend::RedisCluster).await;
                 }
             )*
         }

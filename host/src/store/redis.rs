@@ -648,10 +648,10 @@ impl Store for RedisStore {
             .map_err(|err| StoreError::backend("trim finished tasks", err))?;
         // The id index entries live in other slots, so they go in a command of their own; an
         // entry left behind (a crash in between) points at nothing and reads as not found.
-        if !deleted.is_empty() {
-            let index: Vec<String> = deleted.iter().map(|id| keys::id_index(id)).collect();
+        // One DEL per key: in a Redis Cluster they are in different slots.
+        for id in &deleted {
             self.client
-                .del::<(), _>(index)
+                .del::<(), _>(keys::id_index(id))
                 .await
                 .map_err(|err| StoreError::backend("trim finished tasks", err))?;
         }
