@@ -42,9 +42,16 @@ pub struct Cli {
 /// Where tasks are stored; shared by every command.
 #[derive(Debug, Args)]
 struct StoreArgs {
-    /// Redis URL (`redis://[:password@]host:port[/db]`); without it, the embedded store.
+    /// Redis URL: `redis://[user:password@]host:port[/db]`, `rediss://…` for TLS,
+    /// `redis-cluster://host:port?node=host:port&…` for a cluster. Without it, the embedded
+    /// store.
     #[arg(long, global = true, env = "REBOUND_REDIS_URL")]
     redis: Option<String>,
+
+    /// PEM file of the certificate authorities that signed the Redis server's TLS
+    /// certificate, for a `rediss://` URL; the system's roots are used without it.
+    #[arg(long, global = true, env = "REBOUND_REDIS_CA")]
+    redis_ca: Option<PathBuf>,
 
     /// The embedded store's file, when no Redis URL is given.
     #[arg(long, global = true, env = "REBOUND_DATA")]
@@ -323,7 +330,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
 
 async fn open_store(args: &StoreArgs, create: bool) -> anyhow::Result<SharedStore> {
     if let Some(url) = &args.redis {
-        let store = RedisStore::connect(url).await?;
+        let store = RedisStore::connect_with_ca(url, args.redis_ca.as_deref()).await?;
         return Ok(Arc::new(store));
     }
     let path = match &args.data {

@@ -8,7 +8,7 @@
 pub mod process;
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -65,6 +65,7 @@ pub struct RedisServer {
     port: u16,
     dir: TempDir,
     durable: bool,
+    tls: bool,
 }
 
 impl RedisServer {
@@ -79,6 +80,22 @@ impl RedisServer {
         Self::start_with(true)
     }
 
+    /// Starts a server that speaks only TLS, with a certificate for 127.0.0.1 signed by a
+    /// certificate authority made for it (see [`RedisServer::ca_file`]).
+    pub fn start_tls() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        make_certificates(dir.path())?;
+        let mut server = RedisServer {
+            child: None,
+            port: free_port()?,
+            dir,
+            durable: false,
+            tls: true,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
     fn start_with(durable: bool) -> anyhow::Result<Self> {
         let port = free_port()?;
         let dir = tempfile::tempdir()?;
@@ -87,6 +104,7 @@ impl RedisServer {
             port,
             dir,
             durable,
+            tls: false,
         };
         server.spawn()?;
         Ok(server)
@@ -94,7 +112,13 @@ impl RedisServer {
 
     /// The URL to connect to.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// The PEM file of the certificate authority that signed a TLS server's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
     }
 
     /// Kills the server at once (SIGKILL), as a crash would.
@@ -124,8 +148,30 @@ impl RedisServer {
         } else {
             &["--save", "", "--appendonly", "no"]
         };
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+        let port = self.port.to_string();
+        let mut command = Command::new("redis-server");
+        command.args(["--bind", "127.0.0.1"]);
+        if self.tls {
+            let dir = self.dir.path();
+            command
+                .args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port,
+                    "--tls-auth-clients",
+                    "no",
+                ])
+                .arg("--tls-cert-file")
+                .arg(dir.join("server.crt"))
+                .arg("--tls-key-file")
+                .arg(dir.join("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(dir.join("ca.crt"));
+        } else {
+            command.args(["--port", &port]);
+        }
+        let child = command
             .args(persistence)
             .arg("--dir")
             .arg(self.dir.path())
@@ -134,7 +180,11 @@ impl RedisServer {
             .spawn()
             .context("cannot start redis-server (is it installed and on PATH?)")?;
         self.child = Some(child);
-        wait_for_port(self.port, Duration::from_secs(10))
+        if self.tls {
+            wait_for_tls_port(self.port, &self.ca_file(), Duration::from_secs(10))
+        } else {
+            wait_for_port(self.port, Duration::from_secs(10))
+        }
     }
 }
 
@@ -268,6 +318,93 @@ fn wait_for_port(port: u16, limit: Duration) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     bail!("redis-server on port {port} did not answer within {limit:?}")
+}
+
+/// Writes a certificate authority (`ca.crt`) and a certificate for 127.0.0.1 signed by it
+/// (`server.crt`, `server.key`) into `dir`, with the `openssl` command.
+fn make_certificates(dir: &Path) -> anyhow::Result<()> {
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )?;
+    let steps: [&[&str]; 3] = [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=rebound test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ],
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.crt",
+        ],
+    ];
+    for args in steps {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .context("cannot run openssl")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "openssl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Waits until a TLS server on `port` answers PING (asked with `redis-cli --tls`).
+fn wait_for_tls_port(port: u16, ca_file: &Path, limit: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        let pong = Command::new("redis-cli")
+            .args(["--tls", "-p", &port.to_string(), "--cacert"])
+            .arg(ca_file)
+            .arg("ping")
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).contains("PONG"))
+            .unwrap_or(false);
+        if pong {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("redis-server with TLS on port {port} did not answer within {limit:?}")
 }
 
 /// Which store a test runs against.

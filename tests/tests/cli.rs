@@ -102,6 +102,37 @@ fn redis_host_runs_submitted_tasks() {
 }
 
 #[test]
+fn redis_over_tls_with_a_private_certificate_authority() {
+    let redis = RedisServer::start_tls().unwrap();
+    let ca = redis.ca_file();
+    let url = redis.url();
+    assert!(url.starts_with("rediss://"));
+    let rebound = Rebound::new(BIN, &["--redis", &url, "--redis-ca", ca.to_str().unwrap()]);
+    let plugins = plugin_dir(&["echo"]);
+
+    let host = rebound.start_host(plugins.path(), &[]);
+    let id = rebound.submit("echo", r#"{"over":"tls"}"#, &[]);
+    assert_eq!(rebound.wait_final(&id)["result"], r#"{"over":"tls"}"#);
+    host.stop();
+
+    // Without the CA, the server's certificate is not trusted.
+    let untrusting = Rebound::new(BIN, &["--redis", &url]);
+    let out = untrusting.output(&["stats"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot reach Redis"), "{stderr}");
+
+    // A CA file with a plain redis:// URL is a mistake worth naming.
+    let plain = RedisServer::start().unwrap();
+    let confused = Rebound::new(
+        BIN,
+        &["--redis", &plain.url(), "--redis-ca", ca.to_str().unwrap()],
+    );
+    let stderr = String::from_utf8_lossy(&confused.output(&["stats"]).stderr).into_owned();
+    assert!(stderr.contains("not a rediss:// URL"), "{stderr}");
+}
+
+#[test]
 fn bad_input_is_refused_with_a_message_that_names_it() {
     let (data, rebound) = embedded();
     let cases: [(&[&str], &str); 8] = [

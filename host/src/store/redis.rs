@@ -10,7 +10,8 @@
 //! Every key, its type and the transitions that write it are listed in `docs/redis-layout.md`.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
@@ -110,13 +111,31 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    /// Connects to the Redis server at `url` (`redis://[user:password@]host:port[/db]`).
-    /// Fails when the URL is malformed or the server cannot be reached within a few seconds;
-    /// after that, lost connections are re-established in the background.
+    /// Connects to the Redis server at `url`: `redis://[user:password@]host:port[/db]`,
+    /// `rediss://…` for TLS (server certificates checked against the system's roots), or
+    /// `redis-cluster://host:port?node=host:port&…` for a cluster. Fails when the URL is
+    /// malformed or the server cannot be reached within a few seconds; after that, lost
+    /// connections are re-established in the background.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let config = Config::from_url(url)
+        Self::connect_with_ca(url, None).await
+    }
+
+    /// Like [`RedisStore::connect`], with TLS server certificates checked against the
+    /// certificate authorities in the PEM file `ca_file` instead of the system's roots.
+    pub async fn connect_with_ca(url: &str, ca_file: Option<&Path>) -> Result<Self, StoreError> {
+        let mut config = Config::from_url(url)
             .with_context(|| format!("invalid Redis URL `{url}`"))
             .map_err(|err| StoreError::backend("connect", err))?;
+        if let Some(ca_file) = ca_file {
+            if config.tls.is_none() {
+                return Err(StoreError::Invalid(format!(
+                    "a CA file ({}) is only for TLS connections, and `{url}` is not a rediss:// URL",
+                    ca_file.display()
+                )));
+            }
+            let tls = tls_with_ca(ca_file).map_err(|err| StoreError::backend("connect", err))?;
+            config.tls = Some(tls.into());
+        }
         let client = Builder::from_config(config)
             .with_connection_config(|conn| {
                 conn.connection_timeout = Duration::from_secs(5);
@@ -713,6 +732,38 @@ impl Store for RedisStore {
         queues.sort();
         Ok(queues)
     }
+}
+
+/// A TLS client configuration that trusts the certificate authorities in `ca_file` (PEM).
+fn tls_with_ca(ca_file: &Path) -> anyhow::Result<rustls::ClientConfig> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+
+    let mut roots = rustls::RootCertStore::empty();
+    let certificates = CertificateDer::pem_file_iter(ca_file)
+        .with_context(|| format!("cannot read the CA file {}", ca_file.display()))?;
+    for certificate in certificates {
+        let certificate = certificate
+            .with_context(|| format!("the CA file {} is not valid PEM", ca_file.display()))?;
+        roots.add(certificate).with_context(|| {
+            format!(
+                "the CA file {} holds an unusable certificate",
+                ca_file.display()
+            )
+        })?;
+    }
+    anyhow::ensure!(
+        !roots.is_empty(),
+        "the CA file {} holds no certificate",
+        ca_file.display()
+    );
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("the TLS library refused its own default protocol versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(config)
 }
 
 /// The most tasks one page of a listing holds.
