@@ -1,5 +1,6 @@
 # Installs what building and testing Rebound needs, when it is missing: the wasm32-wasip2
-# Rust target (plugins) and, with `redis`, redis-server (tests). Sourced by the other scripts.
+# Rust target (plugins) and, for the tests, redis-server and redis-cli (their own servers and
+# clusters) and openssl (certificates for the TLS test). Sourced by the other scripts.
 
 install_wasm_target() {
   if ! rustup target list --installed | grep -qx wasm32-wasip2; then
@@ -8,12 +9,16 @@ install_wasm_target() {
   fi
 }
 
-install_redis() {
-  if ! command -v redis-server >/dev/null 2>&1; then
-    echo "==> installing redis-server"
+install_test_tools() {
+  local missing=()
+  command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+  command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "==> installing ${missing[*]}"
     local sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
-    $sudo apt-get install -y -qq redis-server
+    $sudo apt-get install -y -qq "${missing[@]}"
   fi
 }

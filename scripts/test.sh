@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Runs every check of the repository: formatting, lints, and all tests (unit, doc and
-# integration; the integration tests build the plugins and start their own redis-server).
+# integration; the integration tests build the plugins and start their own redis-server,
+# Redis Cluster and TLS server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/prerequisites.sh
 install_wasm_target
-install_redis
+install_test_tools
 
 echo "==> formatting"
 cargo fmt --all -- --check
