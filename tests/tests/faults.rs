@@ -139,14 +139,9 @@ fn tasks_of_a_killed_host_are_taken_over_uncharged() {
     eprintln!("killed host's 2 tasks finished by the other {recovered:?} after the kill");
 }
 
-#[test]
-fn a_lone_host_restarted_after_a_kill_recovers_its_own_tasks() {
-    let (_data, db) = {
-        let data = tempfile::tempdir().unwrap();
-        let db = data.path().join("tasks.db");
-        (data, db)
-    };
-    let rebound = Rebound::new(BIN, &["--data", db.to_str().unwrap()]);
+/// Kills the only host while it runs two tasks, restarts it, and checks that it finishes them
+/// uncharged.
+fn lone_host_recovers_after_a_kill(rebound: &Rebound, store: &str) {
     let plugins = plugin_dir(&["sleepy"]);
     let flags = ["--lease-ms", "600", "--concurrency", "2"];
 
@@ -154,8 +149,9 @@ fn a_lone_host_restarted_after_a_kill_recovers_its_own_tasks() {
         .map(|_| rebound.submit("sleepy", r#"{"ms":800}"#, &["--max-retries", "0"]))
         .collect();
     let host = rebound.start_host(plugins.path(), &flags);
-    leased_by(&rebound, &host, &ids, 2);
-    host.kill();
+    leased_by(rebound, &host, &ids, 2);
+    let first_log = host.kill();
+    let killed_at = Instant::now();
 
     let restarted = rebound.start_host(plugins.path(), &flags);
     for id in &ids {
@@ -164,7 +160,56 @@ fn a_lone_host_restarted_after_a_kill_recovers_its_own_tasks() {
         let counts = (task["attempt"].as_u64(), task["lease_losses"].as_u64());
         assert_eq!(counts, (Some(1), Some(1)), "{task}\n{}", restarted.log());
     }
-    restarted.stop();
+    let recovered = killed_at.elapsed();
+    let runs = total_executions(&[first_log, restarted.stop()]);
+    assert!(ids.iter().all(|id| runs.get(id) == Some(&2)), "{runs:?}");
+    eprintln!(
+        "lone host on {store}: 2 tasks, 4 executions (2 cut short), recovered {recovered:?} after the kill"
+    );
+}
+
+#[test]
+fn a_lone_host_restarted_after_a_kill_recovers_its_own_tasks_on_redis() {
+    let redis = RedisServer::start().unwrap();
+    lone_host_recovers_after_a_kill(&Rebound::new(BIN, &["--redis", &redis.url()]), "redis");
+}
+
+#[test]
+fn a_lone_host_restarted_after_a_kill_recovers_its_own_tasks_on_the_embedded_store() {
+    let data = tempfile::tempdir().unwrap();
+    let db = data.path().join("tasks.db");
+    let rebound = Rebound::new(BIN, &["--data", db.to_str().unwrap()]);
+    lone_host_recovers_after_a_kill(&rebound, "embedded");
+}
+
+#[test]
+fn canceling_a_task_on_a_host_process_stops_it_within_a_second() {
+    let redis = RedisServer::start().unwrap();
+    let rebound = Rebound::new(BIN, &["--redis", &redis.url()]);
+    let plugins = plugin_dir(&["sleepy"]);
+    let a = rebound.start_host(plugins.path(), &[]);
+    let b = rebound.start_host(plugins.path(), &[]);
+
+    // Ten minutes of spinning, with retries to spare: only the cancel can end it.
+    let id = rebound.submit("sleepy", r#"{"ms":600000}"#, &["--max-retries", "5"]);
+    let started = Instant::now();
+    while rebound.task(&id)["state"] != "running" {
+        assert!(started.elapsed() < Duration::from_secs(20), "never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let asked = Instant::now();
+    assert!(rebound.ok(&["cancel", &id]).contains("is running"));
+    let done = rebound.wait_final(&id);
+    let took = asked.elapsed();
+    assert_eq!(done["state"], "canceled", "{done}");
+    // wait_final polls every 50 ms and runs a process per poll: the stop itself is quicker.
+    assert!(took < Duration::from_secs(1), "stopping took {took:?}");
+
+    std::thread::sleep(Duration::from_millis(500));
+    let runs = total_executions(&[a.stop(), b.stop()]);
+    assert_eq!(runs.get(&id), Some(&1), "never run again");
+    assert_eq!(rebound.task(&id)["state"], "canceled");
+    eprintln!("cancel of a running task on a host process: canceled {took:?} after the request");
 }
 
 #[test]
@@ -255,4 +300,5 @@ fn a_task_delayed_past_the_lease_runs_once_with_two_hosts() {
     std::thread::sleep(Duration::from_millis(700));
     let runs = total_executions(&[a.stop(), b.stop()]);
     assert_eq!(runs.get(&id), Some(&1));
+    eprintln!("task delayed 1 s past a 300 ms lease, two hosts: 1 execution");
 }
