@@ -43,8 +43,9 @@ pub struct Cli {
 #[derive(Debug, Args)]
 struct StoreArgs {
     /// Redis URL: `redis://[user:password@]host:port[/db]`, `rediss://…` for TLS,
-    /// `redis-cluster://host:port?node=host:port&…` for a cluster. Without it, the embedded
-    /// store.
+    /// `redis-cluster://host:port?node=host:port&…` for a cluster,
+    /// `redis-sentinel://sentinel:port[/db]?sentinelServiceName=NAME` behind Sentinel.
+    /// Without it, the embedded store.
     #[arg(long, global = true, env = "REBOUND_REDIS_URL")]
     redis: Option<String>,
 

@@ -194,6 +194,87 @@ impl Drop for RedisServer {
     }
 }
 
+/// A `redis-server` watched by one Redis Sentinel, both of this test's own. Killed when
+/// dropped.
+pub struct RedisSentinel {
+    _primary: RedisServer,
+    sentinel: Child,
+    sentinel_port: u16,
+    _dir: TempDir,
+}
+
+impl RedisSentinel {
+    /// The name the sentinel knows the primary by.
+    pub const SERVICE: &'static str = "rebound-test";
+
+    /// Starts a primary and a sentinel that monitors it, and waits until the sentinel
+    /// answers with the primary's address.
+    pub fn start() -> anyhow::Result<Self> {
+        let primary = RedisServer::start()?;
+        let dir = tempfile::tempdir()?;
+        let sentinel_port = free_port()?;
+        let config = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "port {sentinel_port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor {} 127.0.0.1 {} 1\n",
+                dir.path().display(),
+                Self::SERVICE,
+                primary.port
+            ),
+        )?;
+        let sentinel = Command::new("redis-server")
+            .arg(&config)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start redis-server --sentinel")?;
+        let started = RedisSentinel {
+            _primary: primary,
+            sentinel,
+            sentinel_port,
+            _dir: dir,
+        };
+        started.wait_until_monitoring(Duration::from_secs(10))?;
+        Ok(started)
+    }
+
+    /// The URL to connect through the sentinel.
+    pub fn url(&self) -> String {
+        format!(
+            "redis-sentinel://127.0.0.1:{}?sentinelServiceName={}",
+            self.sentinel_port,
+            Self::SERVICE
+        )
+    }
+
+    fn wait_until_monitoring(&self, limit: Duration) -> anyhow::Result<()> {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            let answer = Command::new("redis-cli")
+                .args(["-p", &self.sentinel_port.to_string()])
+                .args(["sentinel", "get-master-addr-by-name", Self::SERVICE])
+                .output()
+                .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+                .unwrap_or_default();
+            if answer.contains("127.0.0.1") {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("the sentinel did not report its primary within {limit:?}")
+    }
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        let _ = self.sentinel.kill();
+        let _ = self.sentinel.wait();
+    }
+}
+
 /// A Redis Cluster of three primaries of this test's own, on free loopback ports, keeping
 /// nothing on disk. Killed when dropped.
 pub struct RedisCluster {

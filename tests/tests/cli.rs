@@ -2,7 +2,7 @@
 //! on disk or a private `redis-server`.
 
 use rebound_tests::process::Rebound;
-use rebound_tests::{RedisServer, plugin_dir};
+use rebound_tests::{RedisSentinel, RedisServer, plugin_dir};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -99,6 +99,18 @@ fn redis_host_runs_submitted_tasks() {
     let echo = stats.lines().find(|line| line.starts_with("echo")).unwrap();
     let counts: Vec<&str> = echo.split_whitespace().skip(1).collect();
     assert_eq!(counts, ["0", "0", "0", "5", "0", "0"], "{stats}");
+}
+
+#[test]
+fn redis_behind_a_sentinel() {
+    let sentinel = RedisSentinel::start().unwrap();
+    let rebound = Rebound::new(BIN, &["--redis", &sentinel.url()]);
+    let plugins = plugin_dir(&["echo"]);
+
+    let host = rebound.start_host(plugins.path(), &[]);
+    let id = rebound.submit("echo", r#"{"via":"sentinel"}"#, &[]);
+    assert_eq!(rebound.wait_final(&id)["result"], r#"{"via":"sentinel"}"#);
+    host.stop();
 }
 
 #[test]
