@@ -10,6 +10,16 @@ use rebound_tests::{Backend, TestStore};
 
 const LEASE: Duration = Duration::from_secs(30);
 
+/// A failed attempt as a host reports it, with no hook run and no progress.
+fn failure(error: &str, next: NextStep) -> FailedAttempt {
+    FailedAttempt {
+        error: error.to_owned(),
+        next,
+        exhausted_hook_ran: false,
+        progress: 0,
+    }
+}
+
 fn echo(id: &str) -> NewTask {
     NewTask {
         id: Some(id.to_owned()),
@@ -127,12 +137,7 @@ async fn stale_lease_reports_are_rejected(backend: Backend) {
     let first = AttemptRef::of(&first[0]);
 
     // The first attempt fails into a retry; a second claim takes the task over.
-    let retry = FailedAttempt {
-        error: "boom".into(),
-        next: NextStep::RetryIn(Duration::ZERO),
-        exhausted_hook_ran: false,
-        progress: 0,
-    };
+    let retry = failure("boom", NextStep::RetryIn(Duration::ZERO));
     assert_eq!(
         ts.store.fail(&first, &retry).await.unwrap(),
         TaskState::Retrying
@@ -382,12 +387,7 @@ async fn cancel_depends_on_the_state(backend: Backend) {
                 continue;
             }
             if id == "retrying" {
-                let retry = FailedAttempt {
-                    error: "later".into(),
-                    next: NextStep::RetryIn(Duration::from_secs(60)),
-                    exhausted_hook_ran: false,
-                    progress: 0,
-                };
+                let retry = failure("later", NextStep::RetryIn(Duration::from_secs(60)));
                 ts.store.fail(&attempt, &retry).await.unwrap();
             } else {
                 ts.store.complete(&attempt, "{}", 0).await.unwrap();
@@ -462,12 +462,7 @@ async fn cancel_of_a_running_task_is_applied_when_its_attempt_ends(backend: Back
     assert_eq!(requested, expected);
 
     // However the attempt ends, a canceled task is not retried or handed back.
-    let retry = FailedAttempt {
-        error: "stopped".into(),
-        next: NextStep::RetryIn(Duration::ZERO),
-        exhausted_hook_ran: false,
-        progress: 0,
-    };
+    let retry = failure("stopped", NextStep::RetryIn(Duration::ZERO));
     let state = ts.store.fail(&attempts["by-fail"], &retry).await.unwrap();
     assert_eq!(state, TaskState::Canceled);
     ts.store.release(&attempts["by-release"], 0).await.unwrap();
@@ -512,12 +507,7 @@ async fn retry_requeues_failed_and_canceled_tasks_only(backend: Backend) {
     ts.store.cancel("canceled").await.unwrap();
     let claimed = ts.store.claim("echo", "h", 1, LEASE).await.unwrap();
     assert_eq!(claimed[0].id, "failed");
-    let fatal = FailedAttempt {
-        error: "bad".into(),
-        next: NextStep::Fail,
-        exhausted_hook_ran: false,
-        progress: 0,
-    };
+    let fatal = failure("bad", NextStep::Fail);
     ts.store
         .fail(&AttemptRef::of(&claimed[0]), &fatal)
         .await
@@ -551,12 +541,7 @@ async fn finished_tasks_are_deleted_after_their_retention(backend: Backend) {
         if task.id == "done" {
             ts.store.complete(&attempt, "{}", 0).await.unwrap();
         } else {
-            let fatal = FailedAttempt {
-                error: "no".into(),
-                next: NextStep::Fail,
-                exhausted_hook_ran: false,
-                progress: 0,
-            };
+            let fatal = failure("no", NextStep::Fail);
             ts.store.fail(&attempt, &fatal).await.unwrap();
         }
     }
