@@ -87,8 +87,8 @@ enum Command {
         #[arg(long)]
         state: TaskState,
         /// Most tasks on the page (1 to 1000).
-        #[arg(long, default_value_t = 50)]
-        limit: usize,
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        limit: u16,
         /// Where to start: the cursor printed at the end of the previous page.
         #[arg(long)]
         cursor: Option<String>,
@@ -313,6 +313,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             cursor,
             json,
         } => {
+            let limit = usize::from(limit);
             list(
                 store.as_ref(),
                 &queue,
@@ -410,7 +411,10 @@ async fn run(store: SharedStore, args: RunArgs) -> anyhow::Result<()> {
 
     let host_id = format!("{}-{}", hostname(), std::process::id());
     let scheduler = Scheduler::new(store, runtime, plugins, config, host_id);
-    scheduler.run(shutdown_signal()).await;
+    // A second Ctrl-C (or SIGTERM) ends the grace period at once.
+    scheduler
+        .run_until(shutdown_signal(), shutdown_signal())
+        .await;
     Ok(())
 }
 
@@ -455,6 +459,12 @@ async fn submit(store: &dyn crate::store::Store, args: SubmitArgs) -> anyhow::Re
             .unwrap_or_default(),
         (None, None) => Duration::from_millis(args.delay_ms),
     };
+    if delay > Duration::from_millis(crate::task::MAX_DELAY_MS) {
+        bail!(
+            "the task would wait {}: the longest wait before a task runs is 366 days",
+            humantime::format_duration(Duration::from_secs(delay.as_secs()))
+        );
+    }
     let task = NewTask {
         queue: args.queue,
         id: args.id,
@@ -518,6 +528,7 @@ async fn list(
         None if page.tasks.is_empty() && cursor.is_none() => {
             emit(&format!("no {state} tasks in queue {queue}"))
         }
+        None if page.tasks.is_empty() => emit(&format!("no more {state} tasks in queue {queue}")),
         None => Ok(()),
     }
 }
@@ -525,7 +536,9 @@ async fn list(
 async fn cancel(store: &dyn crate::store::Store, id: &str) -> anyhow::Result<()> {
     match store.cancel(id).await? {
         TaskState::Running => emit(&format!(
-            "task {id} is running: its host stops it within a second and it ends canceled"
+            "task {id} is running: the host running it stops it within about a second and it \
+             ends canceled (if that host died, once its lease runs out and another host takes \
+             the task back)"
         )),
         state => emit(&format!("task {id} is {state}")),
     }

@@ -75,10 +75,23 @@ impl Scheduler {
 
     /// Runs until `shutdown` completes, then shuts down as described in the module docs.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        self.run_until(shutdown, std::future::pending()).await;
+    }
+
+    /// Like [`Scheduler::run`], but once shutdown has begun, `hurry` completing ends the
+    /// grace period at once (a second Ctrl-C): running attempts are interrupted and handed
+    /// back.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()>,
+        hurry: impl Future<Output = ()>,
+    ) {
         let (stop_tx, stop_rx) = watch::channel(false);
+        let (hurry_tx, hurry_rx) = watch::channel(false);
         let mut workers = JoinSet::new();
         for plugin in self.plugins.iter() {
             let worker = QueueWorker {
+                hurry: hurry_rx.clone(),
                 store: self.store.clone(),
                 runtime: self.runtime.clone(),
                 plugin: plugin.clone(),
@@ -97,7 +110,16 @@ impl Scheduler {
             "shutting down: no new claims, waiting for running tasks"
         );
         let _ = stop_tx.send(true);
-        while workers.join_next().await.is_some() {}
+        let drained = async { while workers.join_next().await.is_some() {} };
+        tokio::pin!(drained);
+        tokio::select! {
+            _ = &mut drained => {}
+            _ = hurry => {
+                info!("asked again: interrupting running tasks now");
+                let _ = hurry_tx.send(true);
+                drained.await;
+            }
+        }
         info!("host stopped");
     }
 }
@@ -107,6 +129,8 @@ type RunningAttempts = Arc<Mutex<HashMap<String, AttemptSignals>>>;
 
 /// Claims and runs the tasks of one queue.
 struct QueueWorker {
+    /// True once the grace period is to end at once.
+    hurry: watch::Receiver<bool>,
     store: SharedStore,
     runtime: Arc<Runtime>,
     plugin: Arc<Plugin>,
@@ -271,11 +295,16 @@ impl QueueWorker {
             signals.request_stop();
         }
         let all_done = async { while attempts.join_next().await.is_some() {} };
-        if tokio::time::timeout(self.config.shutdown_grace, all_done)
-            .await
-            .is_ok()
-        {
-            return;
+        let mut hurry = self.hurry.clone();
+        let grace_over = async {
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.shutdown_grace) => {}
+                _ = hurry.wait_for(|hurry| *hurry) => {}
+            }
+        };
+        tokio::select! {
+            _ = all_done => return,
+            _ = grace_over => {}
         }
         let left = running();
         warn!(

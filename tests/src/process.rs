@@ -129,14 +129,19 @@ impl HostProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Sends `signal` (`INT`, `TERM`), checks that the host exits cleanly within `limit`, and
-    /// returns its log.
-    pub fn stop_with(mut self, signal: &str, limit: Duration) -> String {
+    /// Sends `signal` (`INT`, `TERM`) and returns at once.
+    pub fn signal(&self, signal: &str) {
         let sent = Command::new("kill")
             .args([format!("-{signal}"), self.pid().to_string()])
             .status()
             .expect("kill runs");
         assert!(sent.success());
+    }
+
+    /// Sends `signal` (`INT`, `TERM`), checks that the host exits cleanly within `limit`, and
+    /// returns its log.
+    pub fn stop_with(mut self, signal: &str, limit: Duration) -> String {
+        self.signal(signal);
         let started = Instant::now();
         let status = loop {
             if let Some(status) = self.child.try_wait().expect("wait works") {

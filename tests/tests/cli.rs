@@ -147,7 +147,7 @@ fn redis_over_tls_with_a_private_certificate_authority() {
 #[test]
 fn bad_input_is_refused_with_a_message_that_names_it() {
     let (data, rebound) = embedded();
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 10] = [
         (
             &["submit", "echo", "--params", "{nope"],
             "params is not valid JSON",
@@ -159,7 +159,7 @@ fn bad_input_is_refused_with_a_message_that_names_it() {
         ),
         (
             &["submit", "echo", "--delay-ms", "99999999999999"],
-            "delay_ms 99999999999999 is too long",
+            "the longest wait before a task runs is 366 days",
         ),
         (&["get", "missing-task"], "task `missing-task` not found"),
         (&["run", "--plugins", "/no/such/dir"], "/no/such/dir"),
@@ -170,6 +170,14 @@ fn bad_input_is_refused_with_a_message_that_names_it() {
         (
             &["list", "echo", "--state", "done"],
             "unknown task state `done`",
+        ),
+        (
+            &["list", "echo", "--state", "pending", "--limit", "0"],
+            "--limit",
+        ),
+        (
+            &["list", "echo", "--state", "pending", "--cursor=-1"],
+            "cursor `-1` is not one a listing gave",
         ),
     ];
     for (args, expected) in cases {
@@ -206,7 +214,7 @@ fn cancel_and_retry_from_the_command_line() {
     let task = rebound.task(&past);
     assert_eq!(task["run_at_ms"], task["created_ms"], "{task}");
     let out = rebound.output(&["submit", "echo", "--run-at", "2099-01-01T00:00:00Z"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is too long"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("366 days"));
     let out = rebound.output(&["submit", "echo", "--delay", "soon"]);
     assert!(!out.status.success());
     rebound.ok(&["cancel", &past]);

@@ -282,6 +282,28 @@ fn sigterm_lets_tasks_finish_or_hands_them_back_uncharged() {
 }
 
 #[test]
+fn a_second_ctrl_c_ends_the_grace_period_at_once() {
+    let redis = RedisServer::start().unwrap();
+    let rebound = Rebound::new(BIN, &["--redis", &redis.url()]);
+    let plugins = plugin_dir(&["sleepy"]);
+
+    let id = rebound.submit("sleepy", r#"{"ms":60000}"#, &["--max-retries", "0"]);
+    let host = rebound.start_host(plugins.path(), &[]);
+    leased_by(&rebound, &host, std::slice::from_ref(&id), 1);
+
+    // The default grace is 30 s; the second signal cuts it short.
+    host.signal("INT");
+    std::thread::sleep(Duration::from_millis(300));
+    let log = host.stop_with("INT", Duration::from_secs(5));
+    assert!(log.contains("interrupting running tasks now"), "{log}");
+    let task = rebound.task(&id);
+    assert_eq!(
+        (task["state"].as_str(), task["attempt"].as_u64()),
+        (Some("pending"), Some(0))
+    );
+}
+
+#[test]
 fn a_task_delayed_past_the_lease_runs_once_with_two_hosts() {
     let redis = RedisServer::start().unwrap();
     let rebound = Rebound::new(BIN, &["--redis", &redis.url()]);

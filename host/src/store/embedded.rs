@@ -347,7 +347,7 @@ impl Store for EmbeddedStore {
                     id,
                     action: "claim",
                     state: task.state,
-                    allowed: "pending, delayed or retrying",
+                    allowed: "pending (delayed or not) or retrying",
                 }
                 .into());
             }
@@ -508,7 +508,7 @@ impl Store for EmbeddedStore {
                         id,
                         action: "cancel",
                         state: finished,
-                        allowed: "pending, delayed, retrying or running",
+                        allowed: "pending (delayed or not), retrying or running",
                     }
                     .into());
                 }
@@ -572,9 +572,13 @@ impl Store for EmbeddedStore {
         // The cursor is the insertion sequence number of the last task shown.
         let after: i64 = match cursor {
             None => 0,
-            Some(cursor) => cursor.parse().map_err(|_| {
-                StoreError::Invalid(format!("cursor `{cursor}` is not one this listing gave"))
-            })?,
+            Some(cursor) => cursor
+                .parse::<i64>()
+                .ok()
+                .filter(|seq| *seq > 0)
+                .ok_or_else(|| StoreError::InvalidCursor {
+                    cursor: cursor.to_owned(),
+                })?,
         };
         let queue = queue.to_owned();
         let limit = limit.clamp(1, 1000);

@@ -69,6 +69,12 @@ pub enum StoreError {
         /// The states that allow it, in words.
         allowed: &'static str,
     },
+    /// A listing cursor that no listing of this store handed out.
+    #[error("cursor `{cursor}` is not one a listing gave; start without --cursor")]
+    InvalidCursor {
+        /// The cursor given.
+        cursor: String,
+    },
     /// Input the store refuses, with what is wrong with it.
     #[error("invalid task: {0}")]
     Invalid(String),
@@ -248,7 +254,7 @@ pub trait Store: Send + Sync + 'static {
     /// for the first page; then the `next` of the page before). The cost of a call is
     /// bounded whatever the queue's size, so a page may hold fewer than `limit` tasks and
     /// still not be the last. Tasks that change state between pages may be missed or shown
-    /// twice. A cursor this store did not hand out is [`StoreError::Invalid`].
+    /// twice. A cursor this store did not hand out is [`StoreError::InvalidCursor`].
     async fn list(
         &self,
         queue: &str,

@@ -373,7 +373,7 @@ impl Store for RedisStore {
                     id,
                     "claim",
                     &state,
-                    "pending, delayed or retrying",
+                    "pending (delayed or not) or retrying",
                 ))
             }
             _ => task_from_fields(fields).map_err(|err| StoreError::backend("claim", err)),
@@ -557,7 +557,7 @@ impl Store for RedisStore {
                 id,
                 "cancel",
                 other,
-                "pending, delayed, retrying or running",
+                "pending (delayed or not), retrying or running",
             )),
         }
     }
@@ -771,7 +771,9 @@ const MAX_PAGE: usize = 1000;
 
 /// Reads a listing cursor `SET:RANK`, checking it against the number of sets walked.
 fn parse_cursor(cursor: &str, sets: usize) -> Result<(usize, u64), StoreError> {
-    let invalid = || StoreError::Invalid(format!("cursor `{cursor}` is not one this listing gave"));
+    let invalid = || StoreError::InvalidCursor {
+        cursor: cursor.to_owned(),
+    };
     let (set, rank) = cursor.split_once(':').ok_or_else(invalid)?;
     let set: usize = set.parse().map_err(|_| invalid())?;
     let rank: u64 = rank.parse().map_err(|_| invalid())?;
