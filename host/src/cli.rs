@@ -17,11 +17,12 @@ use tracing_subscriber::EnvFilter;
 
 use crate::backoff::{Jitter, RetryPolicy, Strategy};
 use crate::config::HostConfig;
+use crate::gpu::{GpuGate, GpuRequirement, ProbeKind, format_gib, open_probe};
 use crate::runtime::{PluginSet, Runtime};
 use crate::scheduler::Scheduler;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::redis::RedisStore;
-use crate::store::{SharedStore, StoreError};
+use crate::store::{HostReport, SharedStore, StoreError};
 use crate::task::{NewTask, StateCounts, Task, TaskState};
 
 /// Runs background tasks with retry and backoff in sandboxed WebAssembly plugins.
@@ -106,7 +107,8 @@ enum Command {
         /// The task's id.
         id: String,
     },
-    /// Show how many tasks each queue has in each state.
+    /// Show how many tasks each queue has in each state, and the running hosts with their
+    /// GPU gates.
     Stats {
         /// Print the counts as JSON.
         #[arg(long)]
@@ -155,6 +157,16 @@ struct RunArgs {
     /// Retry policy for tasks submitted without one.
     #[command(flatten)]
     retry: RetryArgs,
+    /// What reads the GPUs for the GPU gate: nvml (the NVIDIA driver; without it the host
+    /// runs and tasks that need a GPU wait) or none.
+    #[arg(long, env = "REBOUND_GPU_PROBE", default_value = "nvml")]
+    gpu_probe: ProbeKind,
+    /// How often the GPU gate reads the GPUs and retries held-back tasks, in ms.
+    #[arg(long, default_value_t = 1000)]
+    gpu_interval_ms: u64,
+    /// Serve `/metrics` (Prometheus) and `/healthz` on this address, e.g. 127.0.0.1:9475.
+    #[arg(long, env = "REBOUND_HTTP")]
+    http: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -183,6 +195,16 @@ struct SubmitArgs {
     /// Retry policy for this task; the host's policy applies when no flag is given.
     #[command(flatten)]
     retry: RetryArgs,
+    /// Start only on a GPU with this much free memory, in GiB (fractions allowed); over the
+    /// plugin's manifest.
+    #[arg(long)]
+    min_gpu_memory_gb: Option<f64>,
+    /// Start only on a GPU at most this busy, in percent; over the plugin's manifest.
+    #[arg(long, conflicts_with = "min_gpu_utilization")]
+    max_gpu_utilization: Option<f64>,
+    /// Deprecated name of --max-gpu-utilization, from the framework Rebound replaces.
+    #[arg(long, hide = true)]
+    min_gpu_utilization: Option<f64>,
     /// Print the created task as JSON.
     #[arg(long)]
     json: bool,
@@ -381,6 +403,8 @@ async fn run(store: SharedStore, args: RunArgs) -> anyhow::Result<()> {
         lease: Duration::from_millis(args.lease_ms),
         max_lease_losses: args.max_lease_losses,
         retention: Duration::from_secs(args.retention_s),
+        gpu_probe: args.gpu_probe,
+        gpu_interval: Duration::from_millis(args.gpu_interval_ms),
     };
     if let Err(err) = config.validate() {
         bail!("invalid setting: {err}");
@@ -400,7 +424,20 @@ async fn run(store: SharedStore, args: RunArgs) -> anyhow::Result<()> {
         tracing::error!("{err:#}");
     }
     for plugin in plugins.iter() {
-        tracing::info!(plugin = plugin.name(), path = %plugin.path().display(), "plugin loaded");
+        match plugin.gpu() {
+            Some(needs) => tracing::info!(
+                plugin = plugin.name(),
+                path = %plugin.path().display(),
+                gpu = %needs,
+                "plugin loaded"
+            ),
+            None => {
+                tracing::info!(plugin = plugin.name(), path = %plugin.path().display(), "plugin loaded");
+            }
+        }
+        for warning in &plugin.manifest().warnings {
+            tracing::warn!(plugin = plugin.name(), "{warning}");
+        }
     }
     if plugins.is_empty() {
         bail!(
@@ -409,8 +446,22 @@ async fn run(store: SharedStore, args: RunArgs) -> anyhow::Result<()> {
         );
     }
 
+    if let Some(addr) = args.http {
+        let metrics = crate::metrics::install()?;
+        let (local, server) = crate::http::serve(addr, metrics).await?;
+        tracing::info!(address = %local, "serving /metrics and /healthz");
+        tokio::spawn(server);
+    }
+
+    let probe = {
+        let kind = config.gpu_probe;
+        tokio::task::spawn_blocking(move || open_probe(kind))
+            .await
+            .context("opening the GPU probe panicked")?
+    };
+    let gate = GpuGate::new(Arc::from(probe), config.gpu_interval);
     let host_id = format!("{}-{}", hostname(), std::process::id());
-    let scheduler = Scheduler::new(store, runtime, plugins, config, host_id);
+    let scheduler = Scheduler::new(store, runtime, plugins, config, host_id).with_gpu_gate(gate);
     // A second Ctrl-C (or SIGTERM) ends the grace period at once.
     scheduler
         .run_until(shutdown_signal(), shutdown_signal())
@@ -465,6 +516,20 @@ async fn submit(store: &dyn crate::store::Store, args: SubmitArgs) -> anyhow::Re
             humantime::format_duration(Duration::from_secs(delay.as_secs()))
         );
     }
+    if args.min_gpu_utilization.is_some() {
+        eprintln!(
+            "warning: --min-gpu-utilization is deprecated: it means \"start only while \
+             utilization is at most this\"; use --max-gpu-utilization"
+        );
+    }
+    let utilization = args.max_gpu_utilization.or(args.min_gpu_utilization);
+    let gpu = match (args.min_gpu_memory_gb, utilization) {
+        (None, None) => None,
+        (memory, utilization) => Some(
+            GpuRequirement::from_settings(memory, utilization)
+                .map_err(|err| anyhow::anyhow!("invalid GPU requirement: {err}"))?,
+        ),
+    };
     let task = NewTask {
         queue: args.queue,
         id: args.id,
@@ -472,6 +537,7 @@ async fn submit(store: &dyn crate::store::Store, args: SubmitArgs) -> anyhow::Re
         priority: args.priority,
         delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
         retry,
+        gpu,
     };
     let task = store.create(task).await?;
     if args.json {
@@ -613,29 +679,75 @@ async fn stats(store: &dyn crate::store::Store, json: bool) -> anyhow::Result<()
         let counts = store.counts(&queue).await?;
         rows.push((queue, counts));
     }
+    let hosts = store.hosts().await?;
     if json {
-        let map: serde_json::Map<String, serde_json::Value> = rows
+        let queues: serde_json::Map<String, serde_json::Value> = rows
             .into_iter()
             .map(|(queue, counts)| (queue, serde_json::json!(counts)))
             .collect();
-        emit(&serde_json::Value::Object(map).to_string())?;
+        let value = serde_json::json!({ "queues": queues, "hosts": hosts });
+        emit(&value.to_string())?;
         return Ok(());
     }
     if rows.is_empty() {
         emit("no queues yet")?;
-        return Ok(());
-    }
-    let mut header = format!("{:<20}", "queue");
-    for state in TaskState::ALL {
-        header.push_str(&format!(" {:>10}", state.as_str()));
-    }
-    emit(&header)?;
-    for (queue, counts) in rows {
-        let mut row = format!("{queue:<20}");
+    } else {
+        let mut header = format!("{:<20}", "queue");
         for state in TaskState::ALL {
-            row.push_str(&format!(" {:>10}", counts.get(state)));
+            header.push_str(&format!(" {:>10}", state.as_str()));
         }
-        emit(&row)?;
+        emit(&header)?;
+        for (queue, counts) in rows {
+            let mut row = format!("{queue:<20}");
+            for state in TaskState::ALL {
+                row.push_str(&format!(" {:>10}", counts.get(state)));
+            }
+            emit(&row)?;
+        }
+    }
+    emit("")?;
+    if hosts.is_empty() {
+        return emit("no host is running");
+    }
+    for host in &hosts {
+        emit(&describe_host(host))?;
     }
     Ok(())
+}
+
+/// A running host as `rebound stats` shows it: its queues and its GPU gate.
+fn describe_host(host: &HostReport) -> String {
+    let mut out = format!(
+        "host {}  (up since {}; queues: {})\n",
+        host.host,
+        timestamp(host.started_ms),
+        host.queues.join(", ")
+    );
+    let gate = &host.gate;
+    out.push_str(&format!("  GPU probe: {}\n", gate.probe));
+    if let Some(error) = &gate.error {
+        out.push_str(&format!(
+            "  GPU gate closed: the last reading failed: {error}\n"
+        ));
+    } else if gate.gpus.is_empty() {
+        out.push_str("  GPU gate closed: no GPU present\n");
+    }
+    for gpu in &gate.gpus {
+        let reserved = gate.reserved_bytes.get(&gpu.index).copied().unwrap_or(0);
+        out.push_str(&format!(
+            "  gpu {}  {}  free {} GiB of {} GiB, {} GiB reserved, utilization {}%\n",
+            gpu.index,
+            gpu.name,
+            format_gib(gpu.free_bytes),
+            format_gib(gpu.total_bytes),
+            format_gib(reserved),
+            gpu.utilization_percent
+        ));
+    }
+    for (queue, held) in &host.held_at_gate {
+        out.push_str(&format!(
+            "  held at the GPU gate: {held} task(s) of {queue}\n"
+        ));
+    }
+    out.trim_end().to_owned()
 }

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use crate::backoff::RetryPolicy;
+use crate::gpu::ProbeKind;
 use crate::runtime::SandboxLimits;
 
 /// Everything `rebound run` needs besides the store and the plugin directory.
@@ -36,6 +37,12 @@ pub struct HostConfig {
     /// deleted. Default 7 days; zero deletes them at the next clean-up (about every lease
     /// renewal period).
     pub retention: Duration,
+    /// What reads the GPUs for the GPU gate: `nvml` (the NVIDIA driver, when installed) or
+    /// `none`. Default `nvml`; without the driver the host runs and GPU tasks wait.
+    pub gpu_probe: ProbeKind,
+    /// How often the GPU gate reads the GPUs, and so how soon a held-back task is tried
+    /// again. Default 1 s; at least 10 ms.
+    pub gpu_interval: Duration,
 }
 
 impl Default for HostConfig {
@@ -50,6 +57,8 @@ impl Default for HostConfig {
             lease: Duration::from_secs(30),
             max_lease_losses: 3,
             retention: Duration::from_secs(7 * 24 * 60 * 60),
+            gpu_probe: ProbeKind::Nvml,
+            gpu_interval: Duration::from_secs(1),
         }
     }
 }
@@ -74,6 +83,9 @@ impl HostConfig {
         }
         if self.lease < Duration::from_millis(100) {
             return Err("lease must be at least 100 ms".into());
+        }
+        if self.gpu_interval < Duration::from_millis(10) {
+            return Err("gpu_interval must be at least 10 ms".into());
         }
         self.retry.validate()
     }

@@ -20,6 +20,9 @@
 //! | [`store`]     | storing tasks and every state transition (Redis, embedded)    |
 //! | [`runtime`]   | the wasmtime engine, plugins, and the per-attempt sandbox     |
 //! | [`scheduler`] | claiming tasks, running attempts, applying the retry policy   |
+//! | [`gpu`]       | the GPU gate: probes, requirements, admission, reservations   |
+//! | [`metrics`]   | every metric the host exports                                 |
+//! | [`http`]      | the host's HTTP endpoint (`/metrics`, `/healthz`)             |
 //! | [`config`]    | the host's settings                                           |
 //! | [`client`]    | the library API: submit, inspect, and work on tasks by hand   |
 //! | [`cli`]       | the `rebound` command                                         |
@@ -28,6 +31,9 @@ pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod gpu;
+pub mod http;
+pub mod metrics;
 pub mod runtime;
 pub mod scheduler;
 pub mod store;

@@ -18,24 +18,35 @@
 //! Cancellation: a worker with running attempts asks the store every [`CANCEL_POLL`] which of
 //! its tasks were canceled, and interrupts those; they end `canceled`.
 //!
+//! GPU gate: a claimed task that needs a GPU (by its plugin's manifest or its own
+//! requirement) starts only if the host's [`GpuGate`] admits it, and holds the reservation
+//! until its attempt ends. A task the gate refuses is handed back uncharged, claimable again
+//! one gate interval later, so it waits without spending attempts and without standing in
+//! front of the queue's other tasks; the worker then pauses until the gate's next reading or
+//! a released reservation (at most one interval) before it claims again.
+//!
 //! Shutdown: the worker stops claiming and tells running attempts (their `cancelled()` turns
 //! true), lets them finish within `shutdown_grace`, then interrupts the rest. Interrupted
 //! attempts, and attempts that ask for a retry while the host shuts down, are handed back to
 //! the store without being charged.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::config::HostConfig;
+use crate::gpu::{GpuGate, GpuRequirement, Reservation};
+use crate::metrics;
 use crate::runtime::bindings::Failure;
 use crate::runtime::sandbox::{AttemptSignals, InterruptCause};
 use crate::runtime::{AttemptOutcome, Plugin, PluginSet, Runtime, TrapReason};
-use crate::store::{AttemptRef, FailedAttempt, NextStep, Requeued, SharedStore, StoreError};
+use crate::store::{
+    AttemptRef, FailedAttempt, HostReport, NextStep, Requeued, SharedStore, StoreError, now_ms,
+};
 use crate::task::{MAX_DELAY_MS, Task, bounded_error};
 
 /// How often a running attempt's progress is written to the store, when it changed.
@@ -53,6 +64,7 @@ pub struct Scheduler {
     plugins: PluginSet,
     config: HostConfig,
     host_id: String,
+    gate: GpuGate,
 }
 
 impl Scheduler {
@@ -70,7 +82,14 @@ impl Scheduler {
             plugins,
             config,
             host_id,
+            gate: GpuGate::closed("no GPU probe configured"),
         }
+    }
+
+    /// Uses `gate` to admit tasks that need a GPU. Without one, such tasks wait.
+    pub fn with_gpu_gate(mut self, gate: GpuGate) -> Self {
+        self.gate = gate;
+        self
     }
 
     /// Runs until `shutdown` completes, then shuts down as described in the module docs.
@@ -89,6 +108,9 @@ impl Scheduler {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (hurry_tx, hurry_rx) = watch::channel(false);
         let mut workers = JoinSet::new();
+        let refresher = self.gate.spawn_refresher();
+        let held = HeldCounts::default();
+        let reporter = tokio::spawn(self.report_loop(held.clone()));
         for plugin in self.plugins.iter() {
             let worker = QueueWorker {
                 hurry: hurry_rx.clone(),
@@ -99,6 +121,8 @@ impl Scheduler {
                 host_id: self.host_id.clone(),
                 slots: Arc::new(Semaphore::new(self.config.concurrency)),
                 running: Arc::default(),
+                gate: self.gate.clone(),
+                held: held.clone(),
             };
             workers.spawn(worker.run(stop_rx.clone()));
         }
@@ -120,9 +144,48 @@ impl Scheduler {
                 drained.await;
             }
         }
+        refresher.abort();
+        reporter.abort();
         info!("host stopped");
     }
+
+    /// Publishes this host's report (queues, GPU gate) every gate interval, for
+    /// `rebound stats`; it expires a few intervals after the host stops.
+    fn report_loop(&self, held: HeldCounts) -> impl Future<Output = ()> + Send + 'static {
+        let store = self.store.clone();
+        let gate = self.gate.clone();
+        let host = self.host_id.clone();
+        let queues: Vec<String> = self.plugins.iter().map(|p| p.name().to_owned()).collect();
+        let started_ms = now_ms();
+        let every = gate.interval();
+        let ttl = every * 3 + Duration::from_secs(2);
+        async move {
+            loop {
+                let report = HostReport {
+                    host: host.clone(),
+                    queues: queues.clone(),
+                    started_ms,
+                    reported_ms: now_ms(),
+                    gate: gate.snapshot(),
+                    held_at_gate: held
+                        .lock()
+                        .expect("poisoned")
+                        .iter()
+                        .filter(|(_, n)| **n > 0)
+                        .map(|(q, n)| (q.clone(), *n))
+                        .collect(),
+                };
+                if let Err(err) = store.report_host(&report, ttl).await {
+                    debug!(error = %err, "host report not stored");
+                }
+                tokio::time::sleep(every).await;
+            }
+        }
+    }
 }
+
+/// How many tasks the GPU gate holds back, by queue, shared by the workers.
+type HeldCounts = Arc<Mutex<BTreeMap<String, usize>>>;
 
 /// The attempts one worker is running, by task id, so they can be asked to stop.
 type RunningAttempts = Arc<Mutex<HashMap<String, AttemptSignals>>>;
@@ -138,6 +201,15 @@ struct QueueWorker {
     host_id: String,
     slots: Arc<Semaphore>,
     running: RunningAttempts,
+    gate: GpuGate,
+    held: HeldCounts,
+}
+
+/// When the gate first and last refused a task, for the time it spent waiting.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    since: Instant,
+    last: Instant,
 }
 
 impl QueueWorker {
@@ -164,6 +236,8 @@ impl QueueWorker {
     ) {
         let queue = self.plugin.name();
         let mut claim_errors = 0u32;
+        let mut held: HashMap<String, Held> = HashMap::new();
+        let mut gate_changed = self.gate.changed();
         while !*stop.borrow() {
             // Wait for a free slot first, so nothing is claimed that cannot start at once.
             let first = tokio::select! {
@@ -193,20 +267,106 @@ impl QueueWorker {
                 }
             };
             let idle = claimed.len() < slots.len();
+            let mut refused = 0;
             for task in claimed {
+                let reservation = match self.admit(&task, &mut held) {
+                    Admission::Free => None,
+                    Admission::Reserved(reservation) => Some(reservation),
+                    Admission::Refused => {
+                        refused += 1;
+                        self.hold_back(&task).await;
+                        continue;
+                    }
+                };
                 let permit = slots.pop().expect("never claims more tasks than slots");
-                attempts.spawn(self.attempt(task, permit, stop.clone()));
+                attempts.spawn(self.attempt(task, permit, reservation, stop.clone()));
             }
             drop(slots);
             while attempts.try_join_next().is_some() {}
+            self.forget_stale_holds(&mut held);
 
-            if idle {
+            if refused > 0 {
+                // Wait for the gate to change (a reading, a released reservation) rather
+                // than claiming the same held-back tasks again at once.
+                gate_changed.mark_unchanged();
+                tokio::select! {
+                    _ = gate_changed.changed() => {}
+                    _ = tokio::time::sleep(self.gate.interval()) => {}
+                    _ = stop.changed() => break,
+                }
+            } else if idle {
                 tokio::select! {
                     _ = tokio::time::sleep(self.config.poll_interval) => {}
                     _ = stop.changed() => break,
                 }
             }
         }
+    }
+
+    /// Whether `task` may start: at once when it needs no GPU, with a reservation when the
+    /// gate admits it, or not now.
+    fn admit(&self, task: &Task, held: &mut HashMap<String, Held>) -> Admission {
+        let Some(needs) = GpuRequirement::effective(task.gpu, self.plugin.gpu()) else {
+            return Admission::Free;
+        };
+        let queue = self.plugin.name();
+        let now = Instant::now();
+        match self.gate.admit(&needs) {
+            Some(reservation) => {
+                let waited = held
+                    .remove(&task.id)
+                    .map_or(Duration::ZERO, |h| now - h.since);
+                debug!(task_id = %task.id, gpu = reservation.gpu(), ?waited, "GPU gate admitted the task");
+                metrics::gate_admitted(queue, waited);
+                Admission::Reserved(reservation)
+            }
+            None => {
+                let entry = held.entry(task.id.clone()).or_insert_with(|| {
+                    info!(%queue, task_id = %task.id, needs = %needs, "GPU gate holds the task until a GPU fits it");
+                    Held { since: now, last: now }
+                });
+                entry.last = now;
+                Admission::Refused
+            }
+        }
+    }
+
+    /// Hands a task the gate refused back to the store, uncharged, claimable again after
+    /// one gate interval.
+    async fn hold_back(&self, task: &Task) {
+        let attempt = AttemptRef::of(task);
+        let delay = self.gate.interval();
+        let released = with_retries("release", || {
+            self.store.release(&attempt, task.progress, delay)
+        })
+        .await;
+        if let Err(err) = released {
+            // The lease runs out and any host takes the task back; nothing is lost.
+            warn!(task_id = %task.id, error = %err, "could not hand back a task the GPU gate held");
+        }
+    }
+
+    /// Forgets held-back tasks not seen for a while (canceled, or taken by another host),
+    /// and publishes how many are held.
+    fn forget_stale_holds(&self, held: &mut HashMap<String, Held>) {
+        let queue = self.plugin.name();
+        if held.is_empty() {
+            // Nothing held now; say so once if something was.
+            let mut counts = self.held.lock().expect("poisoned");
+            if counts.get(queue).is_some_and(|n| *n > 0) {
+                counts.insert(queue.to_owned(), 0);
+                metrics::gate_waiting(queue, 0);
+            }
+            return;
+        }
+        let horizon = self.gate.interval() * 3 + self.config.poll_interval * 4;
+        let now = Instant::now();
+        held.retain(|_, h| now - h.last < horizon);
+        self.held
+            .lock()
+            .expect("poisoned")
+            .insert(queue.to_owned(), held.len());
+        metrics::gate_waiting(queue, held.len());
     }
 
     async fn claim(&self, queue: &str, max: usize) -> Result<Vec<Task>, StoreError> {
@@ -323,10 +483,17 @@ impl QueueWorker {
         &self,
         task: Task,
         slot: OwnedSemaphorePermit,
+        reservation: Option<Reservation>,
         stop: watch::Receiver<bool>,
     ) -> impl Future<Output = ()> + Send + 'static {
-        let span =
-            info_span!("attempt", task_id = %task.id, queue = %task.queue, attempt = task.attempt);
+        let gpu = reservation.as_ref().map(Reservation::gpu);
+        let span = info_span!(
+            "attempt",
+            task_id = %task.id,
+            queue = %task.queue,
+            attempt = task.attempt,
+            gpu,
+        );
         let ctx = AttemptContext {
             store: self.store.clone(),
             runtime: self.runtime.clone(),
@@ -334,9 +501,12 @@ impl QueueWorker {
             running: self.running.clone(),
             lease: self.config.lease,
             stop,
+            gpu,
         };
         async move {
             ctx.run(task).await;
+            // The GPU memory and the slot are given back however the attempt ended.
+            drop(reservation);
             drop(slot);
         }
         .instrument(span)
@@ -352,6 +522,8 @@ struct AttemptContext {
     lease: Duration,
     /// True once the host is shutting down.
     stop: watch::Receiver<bool>,
+    /// The GPU the gate admitted the task to, if it needs one.
+    gpu: Option<u32>,
 }
 
 impl AttemptContext {
@@ -377,7 +549,9 @@ impl AttemptContext {
         attempt: &AttemptRef,
         signals: &AttemptSignals,
     ) -> AttemptOutcome {
-        let run = self.runtime.run_attempt(&self.plugin, task, signals);
+        let run = self
+            .runtime
+            .run_attempt(&self.plugin, task, self.gpu, signals);
         tokio::pin!(run);
         let mut flush = tokio::time::interval(PROGRESS_FLUSH);
         // The claim just took a fresh lease: the first renewal is due a third of it later.
@@ -425,7 +599,11 @@ impl AttemptContext {
     ) {
         let progress = signals.progress();
         if self.hand_back(&outcome, signals) {
-            match with_retries("release", || self.store.release(attempt, progress)).await {
+            match with_retries("release", || {
+                self.store.release(attempt, progress, Duration::ZERO)
+            })
+            .await
+            {
                 Ok(()) => info!("task handed back"),
                 Err(err) => report_lost(&err),
             }
@@ -488,7 +666,9 @@ impl AttemptContext {
                 progress,
             }
         } else {
-            let hook = self.runtime.run_exhausted_hook(&self.plugin, task, &error);
+            let hook = self
+                .runtime
+                .run_exhausted_hook(&self.plugin, task, self.gpu, &error);
             if let Err(hook_error) = hook.await {
                 warn!(error = %hook_error, "on-exhausted hook failed");
             }
@@ -531,6 +711,16 @@ impl AttemptContext {
             Err(err) => report_lost(&err),
         }
     }
+}
+
+/// What the GPU gate says of a claimed task.
+enum Admission {
+    /// It needs no GPU.
+    Free,
+    /// A GPU fits it; the reservation holds its memory while it runs.
+    Reserved(Reservation),
+    /// No GPU fits it now.
+    Refused,
 }
 
 /// Logs an outcome the store did not take.

@@ -9,6 +9,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::backoff::RetryPolicy;
+use crate::gpu::GpuRequirement;
 
 /// The lowest priority a task may have.
 pub const MIN_PRIORITY: i32 = -1000;
@@ -136,6 +137,10 @@ pub struct Task {
     /// The retry policy given at submission; `None` means the executing host's policy for
     /// the queue applies.
     pub retry: Option<RetryPolicy>,
+    /// What the task needs of a GPU, given at submission; fields it leaves open come from
+    /// its plugin's manifest. `None` (and no plugin requirement) means it needs no GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuRequirement>,
     /// When a pending or retrying task becomes claimable, in ms since the Unix epoch.
     pub run_at_ms: u64,
     /// The last progress reported, 0–100; it never goes down.
@@ -178,6 +183,7 @@ impl Task {
             priority: new.priority,
             attempt: 0,
             retry: new.retry,
+            gpu: new.gpu,
             run_at_ms: now.saturating_add(new.delay_ms),
             progress: 0,
             result: None,
@@ -210,6 +216,8 @@ pub struct NewTask {
     pub delay_ms: u64,
     /// The retry policy for this task; `None` leaves it to the executing host.
     pub retry: Option<RetryPolicy>,
+    /// What the task needs of a GPU, over its plugin's requirement; `None` adds nothing.
+    pub gpu: Option<GpuRequirement>,
 }
 
 impl NewTask {

@@ -5,6 +5,7 @@
 //! [`RedisServer::start`] and stops it when the value is dropped; nothing here talks to a
 //! server it did not start.
 
+pub mod gpu;
 pub mod process;
 
 use std::net::TcpListener;
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use rebound::config::HostConfig;
+use rebound::gpu::GpuGate;
 use rebound::runtime::{Plugin, PluginSet, Runtime};
 use rebound::scheduler::Scheduler;
 use rebound::store::embedded::EmbeddedStore;
@@ -580,10 +582,34 @@ pub struct TestHost {
     _plugins: TempDir,
 }
 
+/// What a test host has besides its plugins and settings.
+#[derive(Default)]
+pub struct HostSetup<'a> {
+    /// The GPU gate; a closed one (no GPU) when `None`.
+    pub gate: Option<GpuGate>,
+    /// Manifests to write beside the plugins: `(plugin name, TOML text)`.
+    pub manifests: &'a [(&'a str, &'a str)],
+}
+
 impl TestHost {
     /// Starts a host serving the named example plugins from `store`.
     pub fn start(store: SharedStore, plugins: &[&str], config: HostConfig) -> Self {
+        TestHost::start_with(store, plugins, config, HostSetup::default())
+    }
+
+    /// Starts a host serving the named example plugins from `store`, with a GPU gate or
+    /// plugin manifests.
+    pub fn start_with(
+        store: SharedStore,
+        plugins: &[&str],
+        config: HostConfig,
+        setup: HostSetup<'_>,
+    ) -> Self {
         let dir = plugin_dir(plugins);
+        for (name, manifest) in setup.manifests {
+            std::fs::write(dir.path().join(format!("{name}.toml")), manifest)
+                .expect("cannot write a manifest");
+        }
         let runtime = Arc::new(Runtime::new(config.limits.clone()).expect("engine starts"));
         let mut set = PluginSet::default();
         for name in plugins {
@@ -595,7 +621,10 @@ impl TestHost {
         // Distinct names, so leases tell hosts of one test apart.
         static HOSTS: AtomicUsize = AtomicUsize::new(0);
         let host_id = format!("test-host-{}", HOSTS.fetch_add(1, Ordering::Relaxed));
-        let scheduler = Scheduler::new(store, runtime, set, config, host_id);
+        let mut scheduler = Scheduler::new(store, runtime, set, config, host_id);
+        if let Some(gate) = setup.gate {
+            scheduler = scheduler.with_gpu_gate(gate);
+        }
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(scheduler.run(async {
             let _ = stopped.await;

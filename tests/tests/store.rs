@@ -353,12 +353,18 @@ async fn release_hands_a_task_back_uncharged(backend: Backend) {
     let claimed = ts.store.claim("echo", "a", 1, LEASE).await.unwrap();
     let attempt = AttemptRef::of(&claimed[0]);
 
-    ts.store.release(&attempt, 30).await.unwrap();
+    ts.store
+        .release(&attempt, 30, Duration::ZERO)
+        .await
+        .unwrap();
     let task = ts.store.get("r").await.unwrap().unwrap();
     assert_eq!(task.state, TaskState::Pending);
     assert_eq!((task.attempt, task.progress, task.lease_losses), (0, 30, 0));
     assert!(
-        ts.store.release(&attempt, 30).await.is_err(),
+        ts.store
+            .release(&attempt, 30, Duration::ZERO)
+            .await
+            .is_err(),
         "released only once"
     );
 
@@ -383,7 +389,7 @@ async fn cancel_depends_on_the_state(backend: Backend) {
             let claimed = ts.store.claim("echo", "h", 1, LEASE).await.unwrap();
             let attempt = AttemptRef::of(&claimed[0]);
             if attempt.id != id {
-                ts.store.release(&attempt, 0).await.unwrap();
+                ts.store.release(&attempt, 0, Duration::ZERO).await.unwrap();
                 continue;
             }
             if id == "retrying" {
@@ -465,7 +471,10 @@ async fn cancel_of_a_running_task_is_applied_when_its_attempt_ends(backend: Back
     let retry = failure("stopped", NextStep::RetryIn(Duration::ZERO));
     let state = ts.store.fail(&attempts["by-fail"], &retry).await.unwrap();
     assert_eq!(state, TaskState::Canceled);
-    ts.store.release(&attempts["by-release"], 0).await.unwrap();
+    ts.store
+        .release(&attempts["by-release"], 0, Duration::ZERO)
+        .await
+        .unwrap();
     ts.store
         .complete(&attempts["by-complete"], "{}", 0)
         .await

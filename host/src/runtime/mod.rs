@@ -12,6 +12,7 @@
 //! [`AttemptOutcome`] and the scheduler takes it from there.
 
 pub mod bindings;
+pub mod manifest;
 pub mod output;
 pub mod plugin;
 pub mod sandbox;
@@ -221,9 +222,10 @@ impl Runtime {
         &self,
         plugin: &Plugin,
         task: &Task,
+        gpu: Option<u32>,
         signals: &AttemptSignals,
     ) -> AttemptOutcome {
-        let wit_task = wit_task(task, plugin.max_attempts(task));
+        let wit_task = wit_task(task, plugin.max_attempts(task), gpu);
         let started = Instant::now();
         let result = self
             .call(signals, |mut store| async move {
@@ -256,10 +258,11 @@ impl Runtime {
         &self,
         plugin: &Plugin,
         task: &Task,
+        gpu: Option<u32>,
         error: &str,
     ) -> Result<(), String> {
         let signals = AttemptSignals::new(task.progress);
-        let wit_task = wit_task(task, plugin.max_attempts(task));
+        let wit_task = wit_task(task, plugin.max_attempts(task), gpu);
         let started = Instant::now();
         let result = self
             .call(&signals, |mut store| async move {
@@ -332,15 +335,15 @@ impl Runtime {
     }
 }
 
-/// The task as the plugin sees it.
-fn wit_task(task: &Task, max_attempts: u32) -> bindings::Task {
+/// The task as the plugin sees it; `gpu` is the index of the GPU the gate admitted it to.
+fn wit_task(task: &Task, max_attempts: u32, gpu: Option<u32>) -> bindings::Task {
     bindings::Task {
         id: task.id.clone(),
         queue: task.queue.clone(),
         params: task.params.clone(),
         attempt: task.attempt,
         max_attempts,
-        gpu: None,
+        gpu,
         progress: task.progress,
     }
 }

@@ -1,8 +1,9 @@
 //! Handler plugins: components loaded from a plugin directory, compiled and pre-linked once.
 //!
-//! `DIR/NAME.wasm` becomes the plugin `NAME`, which serves the queue `NAME`. A file that is
-//! not a component of the `rebound:plugin/handler` world is refused with an error naming the
-//! file, and the other plugins load regardless.
+//! `DIR/NAME.wasm` becomes the plugin `NAME`, which serves the queue `NAME`; `DIR/NAME.toml`,
+//! when present, is its manifest ([`super::manifest`]). A file that is not a component of the
+//! `rebound:plugin/handler` world, or whose manifest is invalid, is refused with an error
+//! naming the file, and the other plugins load regardless.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,8 +14,10 @@ use wasmtime::component::Component;
 
 use super::Runtime;
 use super::bindings::HandlerPre;
+use super::manifest::Manifest;
 use super::sandbox::AttemptState;
 use crate::backoff::RetryPolicy;
+use crate::gpu::GpuRequirement;
 use crate::task::{Task, validate_queue_name};
 
 /// A loaded plugin, ready to instantiate.
@@ -23,6 +26,7 @@ pub struct Plugin {
     path: PathBuf,
     pre: HandlerPre<AttemptState>,
     retry: RetryPolicy,
+    manifest: Manifest,
 }
 
 impl Plugin {
@@ -30,6 +34,7 @@ impl Plugin {
     /// is named after the file; `retry` is its queue's policy for tasks that bring none.
     pub fn load(runtime: &Runtime, path: &Path, retry: RetryPolicy) -> anyhow::Result<Self> {
         let name = plugin_name(path)?;
+        let manifest = Manifest::for_plugin(path).with_context(|| format!("plugin {name}"))?;
         let component = Component::from_file(runtime.engine(), path)
             .map_err(anyhow::Error::from)
             .with_context(|| format!("plugin {}: not a loadable component", path.display()))?;
@@ -56,7 +61,18 @@ impl Plugin {
             path: path.to_owned(),
             pre,
             retry,
+            manifest,
         })
+    }
+
+    /// What the plugin's tasks need of a GPU, from its manifest.
+    pub fn gpu(&self) -> Option<GpuRequirement> {
+        self.manifest.gpu
+    }
+
+    /// The plugin's manifest (the default when it has none).
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
     }
 
     /// The plugin's name, which is also the queue it serves.

@@ -38,7 +38,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Mutex;
 
-use super::{AttemptRef, FailedAttempt, NextStep, Requeued, Store, StoreError, TaskPage, now_ms};
+use super::{
+    AttemptRef, FailedAttempt, HostReport, NextStep, Requeued, Store, StoreError, TaskPage, now_ms,
+};
 use crate::task::{ERROR_HISTORY_LEN, Lease, NewTask, StateCounts, Task, TaskState};
 
 /// How long a transition waits for another connection's write transaction before it fails.
@@ -48,9 +50,9 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 pub const LOCK_RETRY_INTERVAL: Duration = Duration::from_micros(200);
 
 /// The schema version this code reads and writes, kept in SQLite's `user_version`.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
-/// The schema of version 1.
+/// The schema of a new file, at [`SCHEMA_VERSION`].
 ///
 /// `seq` is the rowid, so it orders tasks by insertion and is part of every index for free.
 /// `lease_token` outlives the lease it belongs to (the owner and deadline are cleared when an
@@ -65,6 +67,7 @@ CREATE TABLE tasks (
     priority            INTEGER NOT NULL,
     attempt             INTEGER NOT NULL,
     retry               TEXT,
+    gpu                 TEXT,
     run_at_ms           INTEGER NOT NULL,
     progress            INTEGER NOT NULL,
     result              TEXT,
@@ -107,10 +110,28 @@ CREATE TABLE state_counts (
     count INTEGER NOT NULL,
     PRIMARY KEY (queue, state)
 ) WITHOUT ROWID;
+
+CREATE TABLE hosts (
+    id         TEXT PRIMARY KEY,
+    report     TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL
+) WITHOUT ROWID;
 ";
 
+/// The changes from each schema version to the next: `MIGRATIONS[v - 1]` takes a file from
+/// version `v` to `v + 1`. Each runs inside the transaction that opens the file.
+const MIGRATIONS: [&str; 1] = [
+    // 1 → 2: tasks may carry a GPU requirement; hosts report what they do.
+    "ALTER TABLE tasks ADD COLUMN gpu TEXT;
+     CREATE TABLE hosts (
+         id         TEXT PRIMARY KEY,
+         report     TEXT NOT NULL,
+         expires_ms INTEGER NOT NULL
+     ) WITHOUT ROWID;",
+];
+
 /// The columns [`task_from_row`] reads, in a `SELECT` or a `RETURNING` clause.
-const TASK_COLUMNS: &str = "id, queue, params, state, priority, attempt, retry, run_at_ms, \
+const TASK_COLUMNS: &str = "id, queue, params, state, priority, attempt, retry, gpu, run_at_ms, \
      progress, result, last_error, errors, exhausted_hook_runs, created_ms, updated_ms, \
      started_ms, finished_ms, lease_owner, lease_deadline_ms, lease_token, lease_losses, cancel_requested";
 
@@ -244,7 +265,8 @@ fn open_connection(path: &Path) -> anyhow::Result<Connection> {
     Ok(conn)
 }
 
-/// Creates the schema in a new file, and refuses a file written by a newer version.
+/// Creates the schema in a new file, brings an older file up to date, and refuses a file
+/// written by a newer version.
 fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
     // Immediate, so that of two processes opening a new file at once, the second waits and
     // then finds the schema the first created.
@@ -256,6 +278,14 @@ fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
         SCHEMA_VERSION => {}
+        older if (1..SCHEMA_VERSION).contains(&older) => {
+            for step in older..SCHEMA_VERSION {
+                let index = usize::try_from(step - 1).expect("a small positive number");
+                tx.execute_batch(MIGRATIONS[index])
+                    .with_context(|| format!("migrating schema version {step} to {}", step + 1))?;
+            }
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        }
         newer => anyhow::bail!(
             "schema version {newer} is newer than this version of rebound reads \
              (version {SCHEMA_VERSION})"
@@ -416,7 +446,12 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn release(&self, attempt: &AttemptRef, progress: u8) -> Result<(), StoreError> {
+    async fn release(
+        &self,
+        attempt: &AttemptRef,
+        progress: u8,
+        delay: Duration,
+    ) -> Result<(), StoreError> {
         let attempt = attempt.clone();
         self.run("release", move |conn| {
             let tx = begin(conn)?;
@@ -426,7 +461,9 @@ impl Store for EmbeddedStore {
                 task.progress = progress;
                 end_canceled(&tx, &mut task, now_ms())?;
             } else {
-                return_to_pending(&tx, &task, progress, now_ms())?;
+                let now = now_ms();
+                let run_at = stored_ms(now.saturating_add(duration_ms(delay)));
+                return_to_pending(&tx, &task, progress, now, run_at)?;
             }
             tx.commit()?;
             Ok(())
@@ -472,7 +509,7 @@ impl Store for EmbeddedStore {
                     move_count(&tx, &queue, Some(TaskState::Running), TaskState::Failed)?;
                     done.failed += 1;
                 } else {
-                    return_to_pending(&tx, &task, task.progress, now)?;
+                    return_to_pending(&tx, &task, task.progress, now, now)?;
                     done.requeued += 1;
                 }
             }
@@ -676,6 +713,42 @@ impl Store for EmbeddedStore {
         })
         .await
     }
+
+    async fn report_host(&self, report: &HostReport, ttl: Duration) -> Result<(), StoreError> {
+        let report = report.clone();
+        self.run("report host", move |conn| {
+            let now = now_ms();
+            let expires = stored_ms(now.saturating_add(duration_ms(ttl)));
+            let tx = begin(conn)?;
+            tx.prepare_cached("DELETE FROM hosts WHERE expires_ms <= ?1")?
+                .execute([now])?;
+            tx.prepare_cached(
+                "INSERT INTO hosts (id, report, expires_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET report = ?2, expires_ms = ?3",
+            )?
+            .execute(rusqlite::params![report.host, Json(&report), expires])?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn hosts(&self) -> Result<Vec<HostReport>, StoreError> {
+        self.run("list hosts", |conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT report FROM hosts WHERE expires_ms > ?1 ORDER BY id")?;
+            let reports = stmt.query_map([now_ms()], |row| row.get::<_, String>(0))?;
+            let mut out = Vec::new();
+            for json in reports {
+                // A report this version cannot read (a newer host's) is left out.
+                if let Ok(report) = serde_json::from_str(&json?) {
+                    out.push(report);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
 }
 
 /// Refuses an id another task of any queue already has.
@@ -698,8 +771,8 @@ fn ensure_unique_id(tx: &Transaction<'_>, id: &str) -> Result<(), Failure> {
 fn insert_task(tx: &Transaction<'_>, task: &Task) -> rusqlite::Result<()> {
     let mut stmt = tx.prepare_cached(
         "INSERT INTO tasks (id, queue, params, state, priority, attempt, retry, run_at_ms,
-             progress, errors, exhausted_hook_runs, created_ms, updated_ms, lease_token)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 0)",
+             progress, errors, exhausted_hook_runs, created_ms, updated_ms, gpu, lease_token)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 0)",
     )?;
     stmt.execute(rusqlite::params![
         task.id,
@@ -715,6 +788,7 @@ fn insert_task(tx: &Transaction<'_>, task: &Task) -> rusqlite::Result<()> {
         task.exhausted_hook_runs,
         task.created_ms,
         task.updated_ms,
+        task.gpu.as_ref().map(Json),
     ])?;
     Ok(())
 }
@@ -819,19 +893,21 @@ fn end_canceled(tx: &Transaction<'_>, task: &mut Task, now: u64) -> rusqlite::Re
     )
 }
 
-/// Makes a running task claimable again at once, without charging it the attempt it was in.
+/// Makes a running task claimable again at `run_at`, without charging it the attempt it was
+/// in.
 fn return_to_pending(
     tx: &Transaction<'_>,
     task: &Task,
     progress: u8,
     now: u64,
+    run_at: u64,
 ) -> rusqlite::Result<()> {
     tx.prepare_cached(
-        "UPDATE tasks SET state = 'pending', attempt = attempt - 1, run_at_ms = ?2,
+        "UPDATE tasks SET state = 'pending', attempt = attempt - 1, run_at_ms = ?4,
              progress = ?3, updated_ms = ?2, lease_owner = NULL, lease_deadline_ms = NULL
          WHERE id = ?1",
     )?
-    .execute(rusqlite::params![task.id, now, progress])?;
+    .execute(rusqlite::params![task.id, now, progress, run_at])?;
     move_count(
         tx,
         &task.queue,
@@ -999,6 +1075,7 @@ fn task_from_row(row: &Row<'_>) -> rusqlite::Result<Task> {
         priority: row.get("priority")?,
         attempt: row.get("attempt")?,
         retry: row.get::<_, Option<Json<_>>>("retry")?.map(|json| json.0),
+        gpu: row.get::<_, Option<Json<_>>>("gpu")?.map(|json| json.0),
         run_at_ms: row.get("run_at_ms")?,
         progress: row.get("progress")?,
         result: row.get("result")?,
@@ -1591,13 +1668,47 @@ mod tests {
         drop(EmbeddedStore::open(&path).unwrap());
         Connection::open(&path)
             .unwrap()
-            .pragma_update(None, "user_version", 2)
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
             .unwrap();
 
         let err = EmbeddedStore::open(&path).unwrap_err().to_string();
 
         assert!(err.contains(&path.display().to_string()), "{err}");
-        assert!(err.contains("schema version 2"), "{err}");
+        assert!(
+            err.contains(&format!("schema version {}", SCHEMA_VERSION + 1)),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_version_1_file_is_migrated_keeping_its_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tasks.db");
+        let store = EmbeddedStore::open(&path).unwrap();
+        store.create(task_with_id("old", "kept")).await.unwrap();
+        drop(store);
+        // Turn the file back into what version 1 wrote.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("ALTER TABLE tasks DROP COLUMN gpu; DROP TABLE hosts;")
+            .unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        drop(conn);
+
+        let store = EmbeddedStore::open(&path).unwrap();
+
+        assert_eq!(store.get("kept").await.unwrap().unwrap().gpu, None);
+        let needs = crate::gpu::GpuRequirement::from_settings(Some(2.0), None).unwrap();
+        let task = NewTask {
+            gpu: Some(needs),
+            ..task_with_id("new", "gpu")
+        };
+        store.create(task).await.unwrap();
+        assert_eq!(store.get("gpu").await.unwrap().unwrap().gpu, Some(needs));
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
     }
 
     #[tokio::test]

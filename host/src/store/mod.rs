@@ -15,11 +15,14 @@
 pub mod embedded;
 pub mod redis;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 
+use crate::gpu::GateSnapshot;
 use crate::task::{NewTask, StateCounts, Task, TaskState};
 
 /// A shared handle to a store.
@@ -172,6 +175,23 @@ pub struct Requeued {
     pub canceled: u64,
 }
 
+/// What a running host last said about itself, for `rebound stats`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostReport {
+    /// The host's id, as in its leases.
+    pub host: String,
+    /// The queues it serves.
+    pub queues: Vec<String>,
+    /// When it started, in ms since the Unix epoch.
+    pub started_ms: u64,
+    /// When it sent this report, in ms since the Unix epoch.
+    pub reported_ms: u64,
+    /// Its GPU gate: readings and reservations.
+    pub gate: GateSnapshot,
+    /// Tasks its GPU gate is holding back, by queue (queues with none are left out).
+    pub held_at_gate: BTreeMap<String, usize>,
+}
+
 /// How tasks are stored and moved between states. See the module docs.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -218,10 +238,17 @@ pub trait Store: Send + Sync + 'static {
     /// while the attempts run; [`StoreError::LeaseLost`] tells it another host took over.
     async fn heartbeat(&self, attempt: &AttemptRef, lease: Duration) -> Result<(), StoreError>;
 
-    /// Hands a running task back, claimable at once, without charging it the attempt (the
-    /// task becomes `pending` with its attempt count as before the claim; `canceled` if its
-    /// cancellation was asked for). For a host that is shutting down.
-    async fn release(&self, attempt: &AttemptRef, progress: u8) -> Result<(), StoreError>;
+    /// Hands a running task back without charging it the attempt: the task becomes
+    /// `pending`, claimable once `delay` has passed, with its attempt count as before the
+    /// claim (`canceled` instead if its cancellation was asked for). For a host that is
+    /// shutting down (no delay), and for a task the GPU gate holds back (a delay of one
+    /// gate interval, so the tasks behind it in the queue get their turn).
+    async fn release(
+        &self,
+        attempt: &AttemptRef,
+        progress: u8,
+        delay: Duration,
+    ) -> Result<(), StoreError>;
 
     /// Takes back up to `max` running tasks of `queue` whose lease has run out, because their
     /// host died or stalled. Each becomes `pending` without being charged the attempt, and
@@ -284,10 +311,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every queue that has ever had a task, sorted by name.
     async fn queues(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Publishes `report`, replacing the host's previous one; it is dropped after `ttl`
+    /// unless published again, so a host that died disappears on its own.
+    async fn report_host(&self, report: &HostReport, ttl: Duration) -> Result<(), StoreError>;
+
+    /// The reports of the hosts that published one within its ttl, sorted by host id.
+    async fn hosts(&self) -> Result<Vec<HostReport>, StoreError>;
 }
 
 /// Milliseconds since the Unix epoch, by this machine's clock.
-pub(crate) fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     let since_epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();

@@ -19,9 +19,14 @@ use async_trait::async_trait;
 use fred::prelude::*;
 use fred::types::scripts::Script;
 
-use super::{AttemptRef, FailedAttempt, NextStep, Requeued, Store, StoreError, TaskPage};
+use super::{
+    AttemptRef, FailedAttempt, HostReport, NextStep, Requeued, Store, StoreError, TaskPage, now_ms,
+};
 use crate::backoff::RetryPolicy;
-use crate::task::{ERROR_HISTORY_LEN, Lease, MAX_PRIORITY, NewTask, StateCounts, Task, TaskState};
+use crate::gpu::GpuRequirement;
+use crate::task::{
+    ERROR_HISTORY_LEN, Lease, MAX_DELAY_MS, MAX_PRIORITY, NewTask, StateCounts, Task, TaskState,
+};
 
 /// Names every Redis key the store uses; nothing else builds key strings.
 mod keys {
@@ -47,6 +52,14 @@ mod keys {
 
     /// The set of all queue names.
     pub const QUEUES: &str = "rebound:queues";
+
+    /// The sorted set of host ids, scored by when their report expires (ms).
+    pub const HOSTS: &str = "rebound:hosts";
+
+    /// The string holding host `id`'s latest report (JSON), with a TTL.
+    pub fn host(id: &str) -> String {
+        format!("rebound:host:{id}")
+    }
 
     /// The string that records which queue holds task `id`.
     pub fn id_index(id: &str) -> String {
@@ -277,6 +290,10 @@ impl Store for RedisStore {
             Some(policy) => serde_json::to_string(policy).expect("a policy always serializes"),
             None => String::new(),
         };
+        let gpu = match &task.gpu {
+            Some(needs) => serde_json::to_string(needs).expect("a requirement always serializes"),
+            None => String::new(),
+        };
         let queue = &task.queue;
         let keys = vec![
             keys::task(queue, &id),
@@ -292,6 +309,7 @@ impl Store for RedisStore {
             task.delay_ms.to_string(),
             retry,
             MAX_PRIORITY.to_string(),
+            gpu,
         ];
         let answer: Vec<String> = self
             .scripts
@@ -468,7 +486,12 @@ impl Store for RedisStore {
         Self::accepted(attempt, "heartbeat", &answer)
     }
 
-    async fn release(&self, attempt: &AttemptRef, progress: u8) -> Result<(), StoreError> {
+    async fn release(
+        &self,
+        attempt: &AttemptRef,
+        progress: u8,
+        delay: Duration,
+    ) -> Result<(), StoreError> {
         let queue = &attempt.queue;
         let keys = vec![
             keys::task(queue, &attempt.id),
@@ -477,12 +500,15 @@ impl Store for RedisStore {
             keys::queue_key(queue, "counts"),
             keys::queue_key(queue, "canceled"),
             keys::queue_key(queue, "cancels"),
+            keys::queue_key(queue, "scheduled"),
         ];
+        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(MAX_DELAY_MS);
         let args: Vec<String> = vec![
             attempt.id.clone(),
             attempt.token.to_string(),
             MAX_PRIORITY.to_string(),
             progress.min(100).to_string(),
+            delay_ms.min(MAX_DELAY_MS).to_string(),
         ];
         let answer: String = self
             .scripts
@@ -732,6 +758,59 @@ impl Store for RedisStore {
         queues.sort();
         Ok(queues)
     }
+
+    async fn report_host(&self, report: &HostReport, ttl: Duration) -> Result<(), StoreError> {
+        let json = serde_json::to_string(report).expect("a report always serializes");
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+        let expires = now_ms().saturating_add(u64::try_from(ttl_ms).unwrap_or(u64::MAX));
+        // Two keys in different slots (a cluster may hold them apart), so two commands: a
+        // report whose index entry was not written is invisible, and expires anyway.
+        self.client
+            .set::<(), _, _>(
+                keys::host(&report.host),
+                json,
+                Some(Expiration::PX(ttl_ms)),
+                None,
+                false,
+            )
+            .await
+            .map_err(|err| StoreError::backend("report host", err))?;
+        self.client
+            .zadd::<(), _, _>(
+                keys::HOSTS,
+                None,
+                None,
+                false,
+                false,
+                (expires as f64, report.host.as_str()),
+            )
+            .await
+            .map_err(|err| StoreError::backend("report host", err))
+    }
+
+    async fn hosts(&self) -> Result<Vec<HostReport>, StoreError> {
+        let backend = |err| StoreError::backend("list hosts", err);
+        let now = now_ms() as f64;
+        self.client
+            .zremrangebyscore::<(), _, _, _>(keys::HOSTS, f64::NEG_INFINITY, now)
+            .await
+            .map_err(backend)?;
+        let mut ids: Vec<String> = self
+            .client
+            .zrange(keys::HOSTS, 0, -1, None, false, None, false)
+            .await
+            .map_err(backend)?;
+        ids.sort();
+        let mut reports = Vec::with_capacity(ids.len());
+        for id in ids {
+            let json: Option<String> = self.client.get(keys::host(&id)).await.map_err(backend)?;
+            // Gone between the two reads: it expired. Unreadable: a newer host's format.
+            if let Some(report) = json.and_then(|json| serde_json::from_str(&json).ok()) {
+                reports.push(report);
+            }
+        }
+        Ok(reports)
+    }
 }
 
 /// A TLS client configuration that trusts the certificate authorities in `ca_file` (PEM).
@@ -839,6 +918,11 @@ fn task_from_map(fields: &HashMap<String, String>) -> anyhow::Result<Task> {
         .map(|json| serde_json::from_str(json))
         .transpose()
         .context("task field `retry` is not a retry policy")?;
+    let gpu: Option<GpuRequirement> = fields
+        .get("gpu")
+        .map(|json| serde_json::from_str(json))
+        .transpose()
+        .context("task field `gpu` is not a GPU requirement")?;
     let errors: Vec<String> = match fields.get("errors") {
         Some(json) => serde_json::from_str(json).context("task field `errors` is not a list")?,
         None => Vec::new(),
@@ -863,6 +947,7 @@ fn task_from_map(fields: &HashMap<String, String>) -> anyhow::Result<Task> {
         priority,
         attempt: u32::try_from(number("attempt")?).unwrap_or(u32::MAX),
         retry,
+        gpu,
         run_at_ms: number("run_at")?,
         progress: u8::try_from(number("progress")?.min(100)).unwrap_or(100),
         result: fields.get("result").cloned(),

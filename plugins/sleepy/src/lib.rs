@@ -4,7 +4,8 @@
 //! reports its progress as it goes, and otherwise loops without ever checking `cancelled()`,
 //! so only the host's epoch deadline or fuel budget can stop it early: exactly what the
 //! sandbox's limit tests need. With `"sleep": true` it blocks in a WASI sleep instead of
-//! spinning, which no epoch check can see.
+//! spinning, which no epoch check can see. Its result names the GPU the host admitted the
+//! task to (`"gpu": null` when it needs none).
 
 use rebound_sdk::serde_json::{Value, json};
 use rebound_sdk::{Failure, Handler, Task, export_handler};
@@ -22,7 +23,7 @@ impl Handler for Sleepy {
         let sleep: bool = task.params_field("sleep").unwrap_or(false);
         if sleep {
             std::thread::sleep(Duration::from_millis(ms));
-            return Ok(json!({ "slept_ms": ms }));
+            return Ok(json!({ "slept_ms": ms, "gpu": task.gpu }));
         }
         let started = Instant::now();
         let mut spins: u64 = 0;
@@ -39,7 +40,7 @@ impl Handler for Sleepy {
             }
         }
         rebound_sdk::set_progress(100);
-        Ok(json!({ "spun_ms": ms, "spins": spins }))
+        Ok(json!({ "spun_ms": ms, "spins": spins, "gpu": task.gpu }))
     }
 }
 

@@ -11,6 +11,7 @@
 -- ARGV[5] delay in ms (0 = claimable at once)
 -- ARGV[6] retry policy as JSON text, or "" for none
 -- ARGV[7] MAX_PRIORITY, for the ready score
+-- ARGV[8] GPU requirement as JSON text, or "" for none
 --
 -- Returns {"ok", now_ms} or {"duplicate"}.
 
@@ -28,6 +29,9 @@ redis.call('HSET', KEYS[1],
   'hook_runs', 0, 'created', now, 'updated', now)
 if ARGV[6] ~= '' then
   redis.call('HSET', KEYS[1], 'retry', ARGV[6])
+end
+if ARGV[8] ~= '' then
+  redis.call('HSET', KEYS[1], 'gpu', ARGV[8])
 end
 
 if run_at <= now then
