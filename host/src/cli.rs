@@ -197,13 +197,17 @@ struct SubmitArgs {
     retry: RetryArgs,
     /// Start only on a GPU with this much free memory, in GiB (fractions allowed); over the
     /// plugin's manifest.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     min_gpu_memory_gb: Option<f64>,
     /// Start only on a GPU at most this busy, in percent; over the plugin's manifest.
-    #[arg(long, conflicts_with = "min_gpu_utilization")]
+    #[arg(
+        long,
+        conflicts_with = "min_gpu_utilization",
+        allow_negative_numbers = true
+    )]
     max_gpu_utilization: Option<f64>,
     /// Deprecated name of --max-gpu-utilization, from the framework Rebound replaces.
-    #[arg(long, hide = true)]
+    #[arg(long, hide = true, allow_negative_numbers = true)]
     min_gpu_utilization: Option<f64>,
     /// Print the created task as JSON.
     #[arg(long)]

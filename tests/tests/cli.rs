@@ -51,8 +51,8 @@ fn embedded_store_keeps_tasks_across_host_restarts() {
     // Everything finished earlier is still there after both restarts.
     assert_eq!(rebound.task(&first)["state"], "completed");
     let stats: Value = serde_json::from_str(&rebound.ok(&["stats", "--json"])).unwrap();
-    assert_eq!(stats["echo"]["completed"], 2);
-    assert_eq!(stats["flaky"]["completed"], 1);
+    assert_eq!(stats["queues"]["echo"]["completed"], 2);
+    assert_eq!(stats["queues"]["flaky"]["completed"], 1);
 
     // Listed page by page: one task a page, then the end.
     let list = |cursor: Option<&str>| -> Value {
@@ -249,4 +249,108 @@ fn a_broken_plugin_file_is_named_and_the_others_still_load() {
     assert_eq!(rebound.wait_final(&id)["state"], "completed");
     let log = host.stop();
     assert!(log.contains("broken.wasm"), "{log}");
+}
+
+/// `GET path` over plain HTTP/1.0, returning the body.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(
+        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+        "{response}"
+    );
+    response.split_once("\r\n\r\n").unwrap().1.to_owned()
+}
+
+/// Where the host said it serves HTTP, from its JSON log.
+fn http_address(host: &rebound_tests::process::HostProcess) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let log = host.log();
+        let line = log
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .find(|line| line["fields"]["message"] == "serving /metrics and /healthz");
+        if let Some(line) = line {
+            return line["fields"]["address"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no HTTP address in {log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn gpu_requirements_from_the_command_line_and_a_host_without_a_gpu() {
+    let (_data, rebound) = embedded();
+    let plugins = plugin_dir(&["sleepy", "echo"]);
+
+    let task: Value = serde_json::from_str(&rebound.submit(
+        "sleepy",
+        r#"{"ms":10}"#,
+        &["--id", "big", "--min-gpu-memory-gb", "1.5", "--json"],
+    ))
+    .unwrap();
+    assert_eq!(task["gpu"]["memory_bytes"], 1_610_612_736u64);
+    // The old framework's name still works, with a warning.
+    let old = rebound.output(&[
+        "submit",
+        "sleepy",
+        "--id",
+        "old",
+        "--min-gpu-utilization",
+        "40",
+        "--json",
+    ]);
+    assert!(old.status.success());
+    assert!(String::from_utf8_lossy(&old.stderr).contains("deprecated"));
+    let old: Value = serde_json::from_slice(&old.stdout).unwrap();
+    assert_eq!(old["gpu"]["max_utilization"], 40);
+    let bad = rebound.output(&["submit", "sleepy", "--min-gpu-memory-gb", "-2"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("min_gpu_memory_gb"));
+    let plain = rebound.submit("echo", "{}", &[]);
+
+    let host = rebound.start_host(
+        plugins.path(),
+        &[
+            "--gpu-probe",
+            "none",
+            "--gpu-interval-ms",
+            "100",
+            "--http",
+            "127.0.0.1:0",
+        ],
+    );
+    assert_eq!(rebound.wait_final(&plain)["state"], "completed");
+    let addr = http_address(&host);
+    // Wait until the host has published a report that holds both GPU tasks.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let stats = loop {
+        let stats = rebound.ok(&["stats"]);
+        if stats.contains("held at the GPU gate: 2 task(s) of sleepy") {
+            break stats;
+        }
+        assert!(std::time::Instant::now() < deadline, "{stats}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(stats.contains("GPU gate closed: no GPU present"), "{stats}");
+    let metrics = http_get(&addr, "/metrics");
+    assert!(
+        metrics.contains(r#"rebound_gate_waiting_tasks{queue="sleepy"} 2"#),
+        "{metrics}"
+    );
+    assert_eq!(http_get(&addr, "/healthz").trim(), "ok");
+    let log = host.stop();
+    assert!(log.contains("no GPU present"), "{log}");
+    for id in ["big", "old"] {
+        let task = rebound.task(id);
+        assert_eq!(task["state"], "pending", "{task}");
+        assert_eq!(task["attempt"], 0, "{task}");
+    }
 }

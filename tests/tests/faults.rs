@@ -77,7 +77,7 @@ fn two_hosts_run_2000_tasks_exactly_once() {
     loop {
         let stats: serde_json::Value =
             serde_json::from_str(&rebound.ok(&["stats", "--json"])).unwrap();
-        if stats["echo"]["completed"] == 2000 {
+        if stats["queues"]["echo"]["completed"] == 2000 {
             break;
         }
         assert!(started.elapsed() < Duration::from_secs(120), "{stats}");

@@ -4,7 +4,8 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use rebound::store::{AttemptRef, FailedAttempt, NextStep, Requeued, StoreError};
+use rebound::gpu::{GpuGate, GpuRequirement};
+use rebound::store::{AttemptRef, FailedAttempt, HostReport, NextStep, Requeued, StoreError};
 use rebound::task::{NewTask, TaskState};
 use rebound_tests::{Backend, TestStore};
 
@@ -693,7 +694,74 @@ async fn queues_and_counts_are_per_queue(backend: Backend) {
     assert!(ts.store.get("no-such-task").await.unwrap().is_none());
 }
 
+async fn release_with_a_delay_holds_the_task_back_until_then(backend: Backend) {
+    let ts = TestStore::new(backend).await.unwrap();
+    let needs = GpuRequirement::from_settings(Some(2.5), Some(60.0)).unwrap();
+    ts.store
+        .create(NewTask {
+            gpu: Some(needs),
+            priority: 1,
+            ..echo("held")
+        })
+        .await
+        .unwrap();
+    ts.store.create(echo("behind")).await.unwrap();
+    let claimed = ts.store.claim("echo", "a", 1, LEASE).await.unwrap();
+    assert_eq!(claimed[0].gpu, Some(needs), "the requirement is kept");
+
+    let delay = Duration::from_millis(400);
+    ts.store
+        .release(&AttemptRef::of(&claimed[0]), 0, delay)
+        .await
+        .unwrap();
+    let task = ts.store.get("held").await.unwrap().unwrap();
+    assert_eq!((task.state, task.attempt), (TaskState::Pending, 0));
+    // The task behind it (lower priority) goes first now; the held one only once its
+    // delay has passed.
+    let next = ts.store.claim("echo", "a", 5, LEASE).await.unwrap();
+    let ids: Vec<&str> = next.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(ids, ["behind"]);
+    tokio::time::sleep(delay + Duration::from_millis(100)).await;
+    let again = ts.store.claim("echo", "a", 5, LEASE).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].id.as_str(), again[0].attempt), ("held", 1));
+}
+
+async fn host_reports_are_kept_until_their_ttl(backend: Backend) {
+    let ts = TestStore::new(backend).await.unwrap();
+    let report = |host: &str, held: usize| HostReport {
+        host: host.to_owned(),
+        queues: vec!["echo".to_owned()],
+        started_ms: 1,
+        reported_ms: 2,
+        gate: GpuGate::closed("test").snapshot(),
+        held_at_gate: [("echo".to_owned(), held)].into(),
+    };
+    let ttl = Duration::from_millis(600);
+    ts.store.report_host(&report("b", 1), ttl).await.unwrap();
+    ts.store.report_host(&report("a", 1), ttl).await.unwrap();
+    ts.store.report_host(&report("a", 2), ttl).await.unwrap();
+
+    let hosts = ts.store.hosts().await.unwrap();
+    assert_eq!(
+        hosts,
+        [report("a", 2), report("b", 1)],
+        "sorted, latest report only"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ts.store.report_host(&report("b", 3), ttl).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let hosts = ts.store.hosts().await.unwrap();
+    assert_eq!(
+        hosts,
+        [report("b", 3)],
+        "a's report expired, b's was renewed"
+    );
+}
+
 rebound_tests::on_both_stores!(
+    release_with_a_delay_holds_the_task_back_until_then,
+    host_reports_are_kept_until_their_ttl,
     duplicate_id_is_refused_in_any_queue,
     invalid_input_names_the_field,
     claim_orders_by_priority_then_fifo,
