@@ -636,6 +636,9 @@ fn describe(task: &Task) -> String {
     line("priority", &task.priority.to_string());
     line("progress", &format!("{}%", task.progress));
     line("params", &task.params);
+    if let Some(gpu) = &task.gpu {
+        line("gpu", &format!("needs {gpu} (over its plugin's manifest)"));
+    }
     line("created", &timestamp(task.created_ms));
     if matches!(task.state, TaskState::Pending | TaskState::Retrying) {
         line("runs at", &timestamp(task.run_at_ms));
