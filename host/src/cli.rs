@@ -1,10 +1,14 @@
 //! The `rebound` command: run a host, and submit and inspect tasks.
 //!
 //! Every command works on the store directly, so none but `run` needs a running host. Without
-//! `--redis` (or `REBOUND_REDIS_URL`) all commands use the embedded store at one default path
-//! (`--data`, `REBOUND_DATA`, or `$XDG_DATA_HOME/rebound/tasks.db`, falling back to
-//! `~/.local/share/rebound/tasks.db`).
+//! `--redis` (or `REBOUND_REDIS_URL`, or `store.redis_url` in the config) all commands use the
+//! embedded store at one default path (`--data`, `REBOUND_DATA`, or
+//! `$XDG_DATA_HOME/rebound/tasks.db`, falling back to `~/.local/share/rebound/tasks.db`).
+//!
+//! Settings come in layers (see [`crate::settings`]): defaults, `rebound.toml` (or
+//! `--config`), `REBOUND_*` variables, then the flags below.
 
+use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,8 +24,10 @@ use crate::config::HostConfig;
 use crate::gpu::{GpuGate, GpuRequirement, ProbeKind, format_gib, open_probe};
 use crate::runtime::{PluginSet, Runtime};
 use crate::scheduler::Scheduler;
+use crate::settings::{LogFormat, Loaded};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::redis::RedisStore;
+use crate::settings::StoreSettings;
 use crate::store::{HostReport, SharedStore, StoreError};
 use crate::task::{NewTask, StateCounts, Task, TaskState};
 
@@ -29,12 +35,18 @@ use crate::task::{NewTask, StateCounts, Task, TaskState};
 #[derive(Debug, Parser)]
 #[command(name = "rebound", version, about)]
 pub struct Cli {
+    /// Configuration file (TOML); `rebound.toml` in the working directory is read when
+    /// present and this is not given.
+    #[arg(long, global = true, env = "REBOUND_CONFIG")]
+    config: Option<PathBuf>,
+
     #[command(flatten)]
     store: StoreArgs,
 
-    /// Log format on stderr. The level comes from RUST_LOG (default `info`).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
+    /// Log format on stderr: text or json (`log.format`; text by default). The level is
+    /// `log.level`, or RUST_LOG.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormatArg>,
 
     #[command(subcommand)]
     command: Command,
@@ -46,22 +58,23 @@ struct StoreArgs {
     /// Redis URL: `redis://[user:password@]host:port[/db]`, `rediss://…` for TLS,
     /// `redis-cluster://host:port?node=host:port&…` for a cluster,
     /// `redis-sentinel://sentinel:port[/db]?sentinelServiceName=NAME` behind Sentinel.
-    /// Without it, the embedded store.
-    #[arg(long, global = true, env = "REBOUND_REDIS_URL")]
+    /// Without it, the embedded store. (`store.redis_url`, `REBOUND_REDIS_URL`)
+    #[arg(long, global = true)]
     redis: Option<String>,
 
     /// PEM file of the certificate authorities that signed the Redis server's TLS
     /// certificate, for a `rediss://` URL; the system's roots are used without it.
-    #[arg(long, global = true, env = "REBOUND_REDIS_CA")]
+    /// (`store.redis_ca`, `REBOUND_REDIS_CA`)
+    #[arg(long, global = true)]
     redis_ca: Option<PathBuf>,
 
-    /// The embedded store's file, when no Redis URL is given.
-    #[arg(long, global = true, env = "REBOUND_DATA")]
+    /// The embedded store's file, when no Redis URL is given. (`store.data`, `REBOUND_DATA`)
+    #[arg(long, global = true)]
     data: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
+enum LogFormatArg {
     Text,
     Json,
 }
@@ -114,59 +127,140 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check the plugins of a directory: load each as `rebound run` would, and say what
+    /// each needs or why it does not load. Exits 1 when one does not.
+    Plugins {
+        /// The plugin directory (`host.plugins`).
+        #[arg(long)]
+        plugins: Option<PathBuf>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the effective configuration (every layer merged), secrets masked.
+    Config {
+        /// Print it as JSON instead of TOML.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
+/// Flags of `rebound run`. Each overrides the config key named in its help; unset flags
+/// leave the lower layers (environment, file, defaults) in place.
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// Directory of plugins: `NAME.wasm` serves the queue `NAME`.
+    /// Directory of plugins: `NAME.wasm` serves the queue `NAME`. (`host.plugins`)
     #[arg(long)]
-    plugins: PathBuf,
-    /// Attempts running at once, per queue.
-    #[arg(long, default_value_t = 8)]
-    concurrency: usize,
-    /// Most tasks claimed per round trip to the store.
-    #[arg(long, default_value_t = 16)]
-    batch_size: usize,
-    /// How long an idle queue waits before polling the store again, in ms.
-    #[arg(long, default_value_t = 50)]
-    poll_ms: u64,
-    /// Wall-clock limit of one attempt, in ms.
-    #[arg(long, default_value_t = 60_000)]
-    exec_timeout_ms: u64,
+    plugins: Option<PathBuf>,
+    /// Attempts running at once, per queue [default 8]. (`host.concurrency`)
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Most tasks claimed per round trip to the store [default 16]. (`host.batch_size`)
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// How long an idle queue waits before polling the store again, in ms [default 50].
+    /// (`host.poll_interval_ms`)
+    #[arg(long)]
+    poll_ms: Option<u64>,
+    /// Wall-clock limit of one attempt, in ms [default 60000]. (`limits.exec_timeout_ms`)
+    #[arg(long)]
+    exec_timeout_ms: Option<u64>,
     /// Fuel budget of one attempt (about one unit per WebAssembly instruction); no budget
-    /// when unset.
+    /// when unset. (`limits.fuel`)
     #[arg(long)]
     fuel: Option<u64>,
-    /// Memory cap of one instance, in MiB.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
-    memory_mb: u32,
+    /// Memory cap of one instance, in MiB [default 256]. (`limits.memory_mb`)
+    #[arg(long)]
+    memory_mb: Option<u64>,
     /// How long running tasks may finish after Ctrl-C before they are interrupted and
-    /// handed back, in ms.
-    #[arg(long, default_value_t = 30_000)]
-    shutdown_grace_ms: u64,
+    /// handed back, in ms [default 30000]. (`host.shutdown_grace_ms`)
+    #[arg(long)]
+    shutdown_grace_ms: Option<u64>,
     /// Lease length, in ms: running tasks of a host that died are taken back after this.
-    /// Leases are renewed every third of it.
-    #[arg(long, default_value_t = 30_000)]
-    lease_ms: u64,
-    /// Lease losses after which a task is failed rather than run again.
-    #[arg(long, default_value_t = 3)]
-    max_lease_losses: u32,
-    /// How long finished tasks are kept, in seconds (7 days by default).
-    #[arg(long, default_value_t = 7 * 24 * 60 * 60)]
-    retention_s: u64,
-    /// Retry policy for tasks submitted without one.
+    /// Leases are renewed every third of it [default 30000]. (`host.lease_ms`)
+    #[arg(long)]
+    lease_ms: Option<u64>,
+    /// Lease losses after which a task is failed rather than run again [default 3].
+    /// (`host.max_lease_losses`)
+    #[arg(long)]
+    max_lease_losses: Option<u32>,
+    /// How long finished tasks are kept, in seconds [default 604800, 7 days].
+    /// (`host.retention_s`)
+    #[arg(long)]
+    retention_s: Option<u64>,
+    /// Retry policy for tasks submitted without one. (`retry.*`)
     #[command(flatten)]
     retry: RetryArgs,
     /// What reads the GPUs for the GPU gate: nvml (the NVIDIA driver; without it the host
-    /// runs and tasks that need a GPU wait) or none.
-    #[arg(long, env = "REBOUND_GPU_PROBE", default_value = "nvml")]
-    gpu_probe: ProbeKind,
-    /// How often the GPU gate reads the GPUs and retries held-back tasks, in ms.
-    #[arg(long, default_value_t = 1000)]
-    gpu_interval_ms: u64,
-    /// Serve `/metrics` (Prometheus) and `/healthz` on this address, e.g. 127.0.0.1:9475.
-    #[arg(long, env = "REBOUND_HTTP")]
+    /// runs and tasks that need a GPU wait) or none [default nvml]. (`gpu.probe`,
+    /// `REBOUND_GPU_PROBE`)
+    #[arg(long)]
+    gpu_probe: Option<ProbeKind>,
+    /// How often the GPU gate reads the GPUs and retries held-back tasks, in ms
+    /// [default 1000]. (`gpu.interval_ms`)
+    #[arg(long)]
+    gpu_interval_ms: Option<u64>,
+    /// Serve the HTTP API, `/metrics` and health checks on this address, e.g.
+    /// 127.0.0.1:9475; not served when unset. (`http.listen`, `REBOUND_HTTP`)
+    #[arg(long)]
     http: Option<std::net::SocketAddr>,
+    /// Bearer token the HTTP API's `/v1` routes require. Prefer the environment
+    /// (`REBOUND_HTTP_TOKEN`) or the config file (`http.token`): flags show in `ps`.
+    #[arg(long)]
+    http_token: Option<String>,
+}
+
+impl RunArgs {
+    /// The flags given, as a nested map of config keys.
+    fn settings(&self) -> serde_json::Value {
+        let mut flags = Flags::default();
+        flags.set("host.plugins", &self.plugins);
+        flags.set("host.concurrency", &self.concurrency);
+        flags.set("host.batch_size", &self.batch_size);
+        flags.set("host.poll_interval_ms", &self.poll_ms);
+        flags.set("limits.exec_timeout_ms", &self.exec_timeout_ms);
+        flags.set("limits.fuel", &self.fuel);
+        flags.set("limits.memory_mb", &self.memory_mb);
+        flags.set("host.shutdown_grace_ms", &self.shutdown_grace_ms);
+        flags.set("host.lease_ms", &self.lease_ms);
+        flags.set("host.max_lease_losses", &self.max_lease_losses);
+        flags.set("host.retention_s", &self.retention_s);
+        flags.set("retry.max_retry_count", &self.retry.max_retries);
+        flags.set("retry.backoff", &self.retry.backoff);
+        flags.set("retry.backoff_interval_ms", &self.retry.backoff_interval_ms);
+        flags.set("retry.backoff_multiplier", &self.retry.backoff_multiplier);
+        flags.set("retry.backoff_max_ms", &self.retry.backoff_max_ms);
+        flags.set("retry.jitter", &self.retry.jitter);
+        flags.set("gpu.probe", &self.gpu_probe);
+        flags.set("gpu.interval_ms", &self.gpu_interval_ms);
+        flags.set("http.listen", &self.http);
+        flags.set("http.token", &self.http_token);
+        flags.0
+    }
+}
+
+/// Flags collected into a nested JSON object, by dotted config key.
+#[derive(Default)]
+struct Flags(serde_json::Value);
+
+impl Flags {
+    fn set<T: serde::Serialize>(&mut self, key: &str, value: &Option<T>) {
+        let Some(value) = value else { return };
+        let value = serde_json::to_value(value).expect("flag values serialize");
+        if !self.0.is_object() {
+            self.0 = serde_json::json!({});
+        }
+        let mut node = &mut self.0;
+        let mut parts = key.split('.').peekable();
+        while let Some(part) = parts.next() {
+            let map = node.as_object_mut().expect("only objects on the path");
+            if parts.peek().is_none() {
+                map.insert(part.to_owned(), value);
+                return;
+            }
+            node = map.entry(part).or_insert_with(|| serde_json::json!({}));
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -272,7 +366,17 @@ impl RetryArgs {
 /// code 1 (2 for usage errors, from clap).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let loaded = match Loaded::load(cli.config.as_deref(), cli.settings()) {
+        Ok(loaded) => loaded,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(loaded.settings.log.format, &loaded.settings.log.level);
+    for warning in &loaded.warnings {
+        tracing::warn!("config: {warning}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // Guests run as futures that are always ready again (they yield at every epoch
@@ -288,7 +392,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(execute(cli)) {
+    match runtime.block_on(execute(cli, loaded)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
@@ -309,8 +413,11 @@ fn emit(line: &str) -> anyhow::Result<()> {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Logs to stderr in `format`, at `RUST_LOG`'s level or else `level`.
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -322,14 +429,46 @@ fn init_logging(format: LogFormat) {
     };
 }
 
-/// Runs one parsed command.
-pub async fn execute(cli: Cli) -> anyhow::Result<()> {
+impl Cli {
+    /// The global flags and the command's own, as a nested map of config keys.
+    fn settings(&self) -> serde_json::Value {
+        let mut flags = match &self.command {
+            Command::Run(args) => Flags(args.settings()),
+            Command::Plugins { plugins, .. } => {
+                let mut flags = Flags::default();
+                flags.set("host.plugins", plugins);
+                flags
+            }
+            _ => Flags::default(),
+        };
+        flags.set("store.redis_url", &self.store.redis);
+        flags.set("store.redis_ca", &self.store.redis_ca);
+        flags.set("store.data", &self.store.data);
+        let format = self.log_format.map(|format| match format {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        });
+        flags.set("log.format", &format);
+        if flags.0.is_null() {
+            flags.0 = serde_json::json!({});
+        }
+        flags.0
+    }
+}
+
+/// Runs one parsed command with its settings.
+pub async fn execute(cli: Cli, loaded: Loaded) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Config { json } => return show_config(&loaded, json),
+        Command::Plugins { json, .. } => return check_plugins(&loaded, json).await,
+        _ => {}
+    }
     // Only commands that add tasks, or a host that waits for them, create a new store: a
     // mistyped path given to `get` is an error, not an empty store.
     let creates = matches!(cli.command, Command::Run(_) | Command::Submit(_));
-    let store = open_store(&cli.store, creates).await?;
+    let store = open_store(&loaded.settings.store, creates).await?;
     match cli.command {
-        Command::Run(args) => run(store, args).await,
+        Command::Run(_) => run(store, &loaded).await,
         Command::Submit(args) => submit(store.as_ref(), args).await,
         Command::Get { id, json } => get(store.as_ref(), &id, json).await,
         Command::List {
@@ -353,11 +492,12 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Cancel { id } => cancel(store.as_ref(), &id).await,
         Command::Retry { id } => retry(store.as_ref(), &id).await,
         Command::Stats { json } => stats(store.as_ref(), json).await,
+        Command::Config { .. } | Command::Plugins { .. } => unreachable!("handled above"),
     }
 }
 
-async fn open_store(args: &StoreArgs, create: bool) -> anyhow::Result<SharedStore> {
-    if let Some(url) = &args.redis {
+async fn open_store(args: &StoreSettings, create: bool) -> anyhow::Result<SharedStore> {
+    if let Some(url) = &args.redis_url {
         let store = RedisStore::connect_with_ca(url, args.redis_ca.as_deref()).await?;
         return Ok(Arc::new(store));
     }
@@ -390,40 +530,53 @@ fn default_data_path() -> anyhow::Result<PathBuf> {
     Ok(base.join("rebound").join("tasks.db"))
 }
 
-async fn run(store: SharedStore, args: RunArgs) -> anyhow::Result<()> {
-    let config = HostConfig {
-        limits: crate::runtime::SandboxLimits {
-            exec_timeout: Duration::from_millis(args.exec_timeout_ms),
-            fuel: args.fuel,
-            memory_bytes: usize::try_from(args.memory_mb)
-                .unwrap_or(usize::MAX)
-                .saturating_mul(1024 * 1024),
-        },
-        retry: args.retry.policy(),
-        concurrency: args.concurrency,
-        batch_size: args.batch_size,
-        poll_interval: Duration::from_millis(args.poll_ms),
-        shutdown_grace: Duration::from_millis(args.shutdown_grace_ms),
-        lease: Duration::from_millis(args.lease_ms),
-        max_lease_losses: args.max_lease_losses,
-        retention: Duration::from_secs(args.retention_s),
-        gpu_probe: args.gpu_probe,
-        gpu_interval: Duration::from_millis(args.gpu_interval_ms),
-    };
-    if let Err(err) = config.validate() {
-        bail!("invalid setting: {err}");
-    }
+/// The plugin directory from the settings, or an error saying how to give one.
+fn plugin_dir(loaded: &Loaded) -> anyhow::Result<PathBuf> {
+    loaded.settings.host.plugins.clone().context(
+        "no plugin directory: pass --plugins DIR (or set host.plugins in the config file, \
+         REBOUND_HOST__PLUGINS in the environment)",
+    )
+}
 
+/// Loads (compiles) every plugin of the configured directory, off the async runtime.
+async fn load_plugins(
+    loaded: &Loaded,
+    config: &HostConfig,
+) -> anyhow::Result<(Arc<Runtime>, PathBuf, PluginSet, Vec<anyhow::Error>)> {
+    let dir = plugin_dir(loaded)?;
     let runtime = Arc::new(Runtime::new(config.limits.clone())?);
+    let host_gpu: BTreeMap<String, GpuRequirement> = loaded
+        .settings
+        .plugins
+        .keys()
+        .filter_map(|name| Some((name.clone(), loaded.plugin_gpu(name)?)))
+        .collect();
     let (plugins, errors) = {
         let runtime = runtime.clone();
-        let dir = args.plugins.clone();
+        let dir = dir.clone();
         let retry = config.retry.clone();
         // Compiling components is CPU work that would stall the async runtime.
-        tokio::task::spawn_blocking(move || PluginSet::load_dir(&runtime, &dir, &retry))
+        tokio::task::spawn_blocking(move || PluginSet::load_dir(&runtime, &dir, &retry, &host_gpu))
             .await
             .context("plugin loading panicked")??
     };
+    for plugin in plugins.iter() {
+        crate::metrics::plugin_loaded(plugin.name());
+    }
+    for _ in &errors {
+        crate::metrics::plugin_load_failed();
+    }
+    Ok((runtime, dir, plugins, errors))
+}
+
+async fn run(store: SharedStore, loaded: &Loaded) -> anyhow::Result<()> {
+    let config = loaded.host_config();
+    // The recorder goes in before anything records, so no early figure is lost.
+    let metrics = match loaded.settings.http.listen {
+        Some(_) => Some(crate::metrics::install()?),
+        None => None,
+    };
+    let (runtime, dir, plugins, errors) = load_plugins(loaded, &config).await?;
     for err in &errors {
         tracing::error!("{err:#}");
     }
@@ -446,14 +599,19 @@ async fn run(store: SharedStore, args: RunArgs) -> anyhow::Result<()> {
     if plugins.is_empty() {
         bail!(
             "no plugin could be loaded from {} (expected NAME.wasm components)",
-            args.plugins.display()
+            dir.display()
         );
     }
 
-    if let Some(addr) = args.http {
-        let metrics = crate::metrics::install()?;
-        let (local, server) = crate::http::serve(addr, metrics).await?;
-        tracing::info!(address = %local, "serving /metrics and /healthz");
+    if let (Some(addr), Some(metrics)) = (loaded.settings.http.listen, metrics) {
+        let api = crate::http::Api {
+            store: store.clone(),
+            plugins: plugins.clone(),
+            metrics,
+            token: loaded.settings.http.token.clone(),
+        };
+        let (local, server) = crate::http::serve(addr, api).await?;
+        tracing::info!(address = %local, "serving the HTTP API, /metrics and /healthz");
         tokio::spawn(server);
     }
 
@@ -681,21 +839,15 @@ fn timestamp(ms: u64) -> String {
 }
 
 async fn stats(store: &dyn crate::store::Store, json: bool) -> anyhow::Result<()> {
+    if json {
+        return emit(&crate::http::stats_json(store).await?.to_string());
+    }
     let mut rows: Vec<(String, StateCounts)> = Vec::new();
     for queue in store.queues().await? {
         let counts = store.counts(&queue).await?;
         rows.push((queue, counts));
     }
     let hosts = store.hosts().await?;
-    if json {
-        let queues: serde_json::Map<String, serde_json::Value> = rows
-            .into_iter()
-            .map(|(queue, counts)| (queue, serde_json::json!(counts)))
-            .collect();
-        let value = serde_json::json!({ "queues": queues, "hosts": hosts });
-        emit(&value.to_string())?;
-        return Ok(());
-    }
     if rows.is_empty() {
         emit("no queues yet")?;
     } else {
@@ -757,4 +909,94 @@ fn describe_host(host: &HostReport) -> String {
         ));
     }
     out.trim_end().to_owned()
+}
+
+fn show_config(loaded: &Loaded, json: bool) -> anyhow::Result<()> {
+    let file = match &loaded.file {
+        Some(path) => path.display().to_string(),
+        None => "none".to_owned(),
+    };
+    if json {
+        let toml_text = loaded.to_masked_toml();
+        let value: toml::Value = toml::from_str(&toml_text)?;
+        let value = serde_json::json!({ "file": loaded.file, "settings": value });
+        return emit(&serde_json::to_string_pretty(&value)?);
+    }
+    emit(&format!("# configuration file: {file}"))?;
+    emit("# layers: defaults < file < REBOUND_* environment < flags; secrets masked\n")?;
+    emit(loaded.to_masked_toml().trim_end())
+}
+
+/// One plugin's load check, as `rebound plugins --json` prints it.
+#[derive(Debug, serde::Serialize)]
+struct PluginCheck {
+    name: Option<String>,
+    path: PathBuf,
+    loaded: bool,
+    gpu: Option<GpuRequirement>,
+    error: Option<String>,
+    warnings: Vec<String>,
+}
+
+async fn check_plugins(loaded: &Loaded, json: bool) -> anyhow::Result<()> {
+    let config = loaded.host_config();
+    let (_runtime, dir, plugins, errors) = load_plugins(loaded, &config).await?;
+    let mut checks: Vec<PluginCheck> = plugins
+        .iter()
+        .map(|plugin| PluginCheck {
+            name: Some(plugin.name().to_owned()),
+            path: plugin.path().to_owned(),
+            loaded: true,
+            gpu: plugin.gpu(),
+            error: None,
+            warnings: plugin.manifest().warnings.clone(),
+        })
+        .collect();
+    for err in &errors {
+        let (path, message) = match err.downcast_ref::<crate::runtime::plugin::LoadError>() {
+            Some(load) => (load.path.clone(), format!("{:#}", load.cause)),
+            None => (dir.clone(), format!("{err:#}")),
+        };
+        checks.push(PluginCheck {
+            name: None,
+            path,
+            loaded: false,
+            gpu: None,
+            error: Some(message),
+            warnings: Vec::new(),
+        });
+    }
+    checks.sort_by(|a, b| a.path.cmp(&b.path));
+    if json {
+        emit(&serde_json::to_string_pretty(&serde_json::json!({ "plugins": checks }))?)?;
+    } else if checks.is_empty() {
+        emit(&format!("no plugins (NAME.wasm files) in {}", dir.display()))?;
+    } else {
+        for check in &checks {
+            let line = match (&check.error, &check.gpu) {
+                (Some(error), _) => format!("FAILED {}: {error}", check.path.display()),
+                (None, Some(gpu)) => format!(
+                    "ok     {:<20} {}  (needs a GPU: {gpu})",
+                    check.name.as_deref().unwrap_or(""),
+                    check.path.display()
+                ),
+                (None, None) => format!(
+                    "ok     {:<20} {}",
+                    check.name.as_deref().unwrap_or(""),
+                    check.path.display()
+                ),
+            };
+            emit(&line)?;
+            for warning in &check.warnings {
+                emit(&format!("       warning: {warning}"))?;
+            }
+        }
+    }
+    if !errors.is_empty() {
+        bail!("{} of {} plugin(s) did not load", errors.len(), checks.len());
+    }
+    if checks.is_empty() {
+        bail!("no plugins to check in {}", dir.display());
+    }
+    Ok(())
 }

@@ -1,60 +1,377 @@
-//! The host's HTTP endpoint: Prometheus metrics and a liveness check.
+//! The host's HTTP API: submit and inspect tasks, queue stats, the host's plugins, health,
+//! and Prometheus metrics.
 //!
-//! `rebound run --http ADDR` serves it; it binds where it is told (use a loopback address
-//! unless a scraper elsewhere needs it).
+//! `rebound run --http ADDR` (or `http.listen`) serves it; bind it to a loopback address
+//! unless something elsewhere needs it. With `http.token` set, every `/v1` route but the
+//! OpenAPI description asks for `Authorization: Bearer TOKEN`. The routes and shapes are in
+//! `docs/openapi.json`, also served at `/v1/openapi.json`.
 //!
-//! | route      | answers                                                    |
-//! |------------|------------------------------------------------------------|
-//! | `/metrics` | every metric in Prometheus's text format                   |
-//! | `/healthz` | `ok` while the host process runs                           |
+//! Every error is JSON, `{"error": {"code": "...", "message": "..."}}`, with a code that
+//! stays the same from version to version (see [`ApiError`]).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
-use axum::Router;
-use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+use serde_json::{Value, json};
 use tokio::net::TcpListener;
+
+use crate::backoff::RetryPolicy;
+use crate::gpu::GpuRequirement;
+use crate::runtime::PluginSet;
+use crate::store::{SharedStore, Store, StoreError};
+use crate::task::{NewTask, TaskState};
 
 /// The content type of Prometheus's text exposition format.
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// The routes, rendering metrics from `metrics`.
-pub fn router(metrics: PrometheusHandle) -> Router {
-    Router::new()
-        .route("/metrics", get(render_metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(metrics)
+/// The OpenAPI description of these routes, kept in the repository.
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
+/// The most tasks one listing page may hold.
+const MAX_PAGE: usize = 1000;
+
+/// What the API serves from.
+pub struct Api {
+    /// Where tasks live.
+    pub store: SharedStore,
+    /// This host's plugins.
+    pub plugins: PluginSet,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
+    /// The bearer token `/v1` routes ask for; none when `None`.
+    pub token: Option<String>,
 }
 
-async fn render_metrics(State(metrics): State<PrometheusHandle>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], metrics.render())
+type Shared = Arc<Api>;
+
+/// An error answer: an HTTP status and a stable code, with a message for people.
+///
+/// | code                | status | when                                              |
+/// |---------------------|--------|---------------------------------------------------|
+/// | `invalid_request`   | 400    | a body, parameter or value the API cannot accept  |
+/// | `invalid_cursor`    | 400    | a listing cursor no listing handed out            |
+/// | `unauthorized`      | 401    | a token is required and was missing or wrong      |
+/// | `not_found`         | 404    | no such task, or no such route                    |
+/// | `method_not_allowed`| 405    | the route exists, not with this method            |
+/// | `duplicate_id`      | 409    | a task with the submitted id exists               |
+/// | `wrong_state`       | 409    | the task's state does not allow the request       |
+/// | `internal`          | 500    | a bug; the message says what                      |
+/// | `store_unavailable` | 503    | the store did not answer; try again               |
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        let (status, code) = match &err {
+            StoreError::DuplicateId { .. } => (StatusCode::CONFLICT, "duplicate_id"),
+            StoreError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
+            StoreError::WrongState { .. } => (StatusCode::CONFLICT, "wrong_state"),
+            StoreError::InvalidCursor { .. } => (StatusCode::BAD_REQUEST, "invalid_cursor"),
+            StoreError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            StoreError::Backend { .. } => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            StoreError::LeaseLost { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        ApiError::new(status, code, err.to_string())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        ApiError::invalid(format!("request body: {}", rejection.body_text()))
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        ApiError::invalid(format!("query string: {}", rejection.body_text()))
+    }
+}
+
+/// The routes.
+pub fn router(api: Api) -> Router {
+    let api: Shared = Arc::new(api);
+    let v1 = Router::new()
+        .route("/queues/{queue}/tasks", post(submit).get(list))
+        .route("/tasks/{id}", get(get_task))
+        .route("/tasks/{id}/cancel", post(cancel))
+        .route("/tasks/{id}/retry", post(retry))
+        .route("/stats", get(stats))
+        .route("/plugins", get(plugins))
+        .route_layer(middleware::from_fn_with_state(api.clone(), require_token))
+        .route("/openapi.json", get(openapi));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route("/readyz", get(readyz))
+        .fallback(|request: Request| async move {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no route {} {}", request.method(), request.uri().path()),
+            )
+        })
+        .method_not_allowed_fallback(|request: Request| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{} is not allowed on {}", request.method(), request.uri().path()),
+            )
+        })
+        .with_state(api)
+}
+
+/// Refuses a `/v1` request without the configured bearer token.
+async fn require_token(
+    State(api): State<Shared>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(expected) = &api.token else {
+        return next.run(request).await;
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    match given {
+        Some(token) if same_secret(token.as_bytes(), expected.as_bytes()) => {
+            next.run(request).await
+        }
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong bearer token")
+            .into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this host requires `Authorization: Bearer TOKEN`",
+        )
+        .into_response(),
+    }
+}
+
+/// Compares two secrets in time that depends only on their lengths.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
+/// The body of a submission.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitBody {
+    #[serde(default)]
+    params: Option<Value>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    priority: i32,
+    #[serde(default)]
+    delay_ms: u64,
+    #[serde(default)]
+    retry: Option<RetryPolicy>,
+    #[serde(default)]
+    min_gpu_memory_gb: Option<f64>,
+    #[serde(default)]
+    max_gpu_utilization: Option<f64>,
+}
+
+async fn submit(
+    State(api): State<Shared>,
+    Path(queue): Path<String>,
+    body: Result<Json<SubmitBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body?;
+    let gpu = match (body.min_gpu_memory_gb, body.max_gpu_utilization) {
+        (None, None) => None,
+        (memory, utilization) => Some(
+            GpuRequirement::from_settings(memory, utilization).map_err(ApiError::invalid)?,
+        ),
+    };
+    let params = body.params.unwrap_or_else(|| json!({})).to_string();
+    let task = NewTask {
+        queue: queue.clone(),
+        id: body.id,
+        params,
+        priority: body.priority,
+        delay_ms: body.delay_ms,
+        retry: body.retry,
+        gpu,
+    };
+    let task = api.store.create(task).await?;
+    crate::metrics::task_created(&queue);
+    Ok((StatusCode::CREATED, Json(task)).into_response())
+}
+
+async fn get_task(
+    State(api): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    match api.store.get(&id).await? {
+        Some(task) => Ok(Json(task).into_response()),
+        None => Err(StoreError::NotFound { id }.into()),
+    }
+}
+
+async fn cancel(State(api): State<Shared>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let state = api.store.cancel(&id).await?;
+    Ok(Json(json!({ "id": id, "state": state })).into_response())
+}
+
+async fn retry(State(api): State<Shared>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let task = api.store.retry(&id).await?;
+    Ok(Json(task).into_response())
+}
+
+/// The query of a listing.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+async fn list(
+    State(api): State<Shared>,
+    Path(queue): Path<String>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query?;
+    let state: TaskState = match query.state.as_deref() {
+        None => TaskState::Pending,
+        Some(state) => state.parse().map_err(ApiError::invalid)?,
+    };
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::invalid(format!(
+            "limit {limit} is out of range: 1 to {MAX_PAGE}"
+        )));
+    }
+    let page = api
+        .store
+        .list(&queue, state, limit, query.cursor.as_deref())
+        .await?;
+    Ok(Json(json!({ "tasks": page.tasks, "next": page.next })).into_response())
+}
+
+/// Every queue's counts by state, and the running hosts' reports: what `GET /v1/stats` and
+/// `rebound stats --json` print.
+pub async fn stats_json(store: &dyn Store) -> Result<Value, StoreError> {
+    let mut queues = serde_json::Map::new();
+    for queue in store.queues().await? {
+        let counts = store.counts(&queue).await?;
+        queues.insert(queue, json!(counts));
+    }
+    let hosts = store.hosts().await?;
+    Ok(json!({ "queues": queues, "hosts": hosts }))
+}
+
+async fn stats(State(api): State<Shared>) -> Result<Response, ApiError> {
+    Ok(Json(stats_json(api.store.as_ref()).await?).into_response())
+}
+
+async fn plugins(State(api): State<Shared>) -> Json<Value> {
+    let plugins: Vec<Value> = api
+        .plugins
+        .iter()
+        .map(|plugin| {
+            json!({ "name": plugin.name(), "path": plugin.path(), "gpu": plugin.gpu() })
+        })
+        .collect();
+    Json(json!({ "plugins": plugins }))
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn readyz(State(api): State<Shared>) -> Response {
+    let mut reasons = Vec::new();
+    let answered = tokio::time::timeout(Duration::from_secs(2), api.store.queues()).await;
+    match answered {
+        Ok(Ok(_)) => {}
+        Ok(Err(err)) => reasons.push(format!("the store does not answer: {err}")),
+        Err(_) => reasons.push("the store did not answer within 2 s".to_owned()),
+    }
+    if api.plugins.is_empty() {
+        reasons.push("no plugin is loaded".to_owned());
+    }
+    if reasons.is_empty() {
+        Json(json!({ "status": "ready" })).into_response()
+    } else {
+        let body = json!({ "status": "not_ready", "reasons": reasons });
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    }
+}
+
+async fn render_metrics(State(api): State<Shared>) -> Response {
+    ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], api.metrics.render()).into_response()
 }
 
 /// Binds `addr` now (so a taken port is a start-up error) and returns the server, which runs
 /// until dropped, with the address it listens on. Histogram upkeep runs alongside it.
 pub async fn serve(
     addr: SocketAddr,
-    metrics: PrometheusHandle,
+    api: Api,
 ) -> anyhow::Result<(SocketAddr, impl Future<Output = ()>)> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen for HTTP on {addr}"))?;
     let local = listener.local_addr()?;
-    let upkeep = metrics.clone();
+    let upkeep = api.metrics.clone();
+    let app = router(api);
     let server = async move {
         let upkeep = async {
             loop {
-                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
                 upkeep.run_upkeep();
             }
         };
-        let serve = axum::serve(listener, router(metrics));
         tokio::select! {
-            result = serve => {
+            result = axum::serve(listener, app) => {
                 if let Err(err) = result {
                     tracing::error!(error = %err, "HTTP server stopped");
                 }

@@ -22,8 +22,9 @@
 //! | [`scheduler`] | claiming tasks, running attempts, applying the retry policy   |
 //! | [`gpu`]       | the GPU gate: probes, requirements, admission, reservations   |
 //! | [`metrics`]   | every metric the host exports                                 |
-//! | [`http`]      | the host's HTTP endpoint (`/metrics`, `/healthz`)             |
+//! | [`http`]      | the host's HTTP API, health checks and `/metrics`             |
 //! | [`config`]    | the host's settings                                           |
+//! | [`settings`]  | layered configuration: defaults, file, environment, flags     |
 //! | [`client`]    | the library API: submit, inspect, and work on tasks by hand   |
 //! | [`cli`]       | the `rebound` command                                         |
 
@@ -36,5 +37,6 @@ pub mod http;
 pub mod metrics;
 pub mod runtime;
 pub mod scheduler;
+pub mod settings;
 pub mod store;
 pub mod task;

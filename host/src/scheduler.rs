@@ -47,7 +47,7 @@ use crate::runtime::{AttemptOutcome, Plugin, PluginSet, Runtime, TrapReason};
 use crate::store::{
     AttemptRef, FailedAttempt, HostReport, NextStep, Requeued, SharedStore, StoreError, now_ms,
 };
-use crate::task::{MAX_DELAY_MS, Task, bounded_error};
+use crate::task::{MAX_DELAY_MS, Task, TaskState, bounded_error};
 
 /// How often a running attempt's progress is written to the store, when it changed.
 const PROGRESS_FLUSH: Duration = Duration::from_millis(500);
@@ -177,6 +177,13 @@ impl Scheduler {
                 };
                 if let Err(err) = store.report_host(&report, ttl).await {
                     debug!(error = %err, "host report not stored");
+                }
+                for queue in &queues {
+                    if let Ok(counts) = store.counts(queue).await {
+                        for state in TaskState::ALL {
+                            metrics::queue_depth(queue, state.as_str(), counts.get(state));
+                        }
+                    }
                 }
                 tokio::time::sleep(every).await;
             }
@@ -530,16 +537,30 @@ impl AttemptContext {
     async fn run(self, task: Task) {
         let attempt = AttemptRef::of(&task);
         let signals = AttemptSignals::new(task.progress);
-        self.running
-            .lock()
-            .expect("poisoned")
-            .insert(task.id.clone(), signals.clone());
+        let queue = self.plugin.name();
+        let running = {
+            let mut running = self.running.lock().expect("poisoned");
+            running.insert(task.id.clone(), signals.clone());
+            running.len()
+        };
+        metrics::running(queue, running);
+        if let Some(started) = task.started_ms {
+            let waited = started.saturating_sub(task.run_at_ms.max(task.created_ms));
+            metrics::queue_wait(queue, Duration::from_millis(waited));
+        }
         debug!("attempt started");
 
+        let began = Instant::now();
         let outcome = self.execute(&task, &attempt, &signals).await;
+        metrics::attempt_ended(queue, outcome_label(&outcome, &signals), began.elapsed());
         self.record(&task, &attempt, outcome, &signals).await;
 
-        self.running.lock().expect("poisoned").remove(&task.id);
+        let running = {
+            let mut running = self.running.lock().expect("poisoned");
+            running.remove(&task.id);
+            running.len()
+        };
+        metrics::running(queue, running);
     }
 
     /// Runs the handler, renewing the lease and writing progress to the store as it goes.
@@ -710,6 +731,19 @@ impl AttemptContext {
             Ok(state) => info!(%state, error = %failure.error, "attempt failed"),
             Err(err) => report_lost(&err),
         }
+    }
+}
+
+/// The `outcome` label of an attempt's metrics (one of [`metrics::OUTCOMES`]).
+fn outcome_label(outcome: &AttemptOutcome, signals: &AttemptSignals) -> &'static str {
+    if signals.interrupt_cause() == Some(InterruptCause::LeaseLost) {
+        return "lease_lost";
+    }
+    match outcome {
+        AttemptOutcome::Completed(_) => "completed",
+        AttemptOutcome::Failed(Failure::Retry(_) | Failure::RetryAfter(_)) => "retry",
+        AttemptOutcome::Failed(Failure::Fatal(_)) => "failed",
+        AttemptOutcome::Trapped { reason, .. } => reason.as_str(),
     }
 }
 

@@ -273,7 +273,7 @@ fn http_address(host: &rebound_tests::process::HostProcess) -> String {
         let line = log
             .lines()
             .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .find(|line| line["fields"]["message"] == "serving /metrics and /healthz");
+            .find(|line| line["fields"]["message"] == "serving the HTTP API, /metrics and /healthz");
         if let Some(line) = line {
             return line["fields"]["address"].as_str().unwrap().to_owned();
         }
@@ -345,7 +345,7 @@ fn gpu_requirements_from_the_command_line_and_a_host_without_a_gpu() {
         metrics.contains(r#"rebound_gate_waiting_tasks{queue="sleepy"} 2"#),
         "{metrics}"
     );
-    assert_eq!(http_get(&addr, "/healthz").trim(), "ok");
+    assert_eq!(http_get(&addr, "/healthz").trim(), r#"{"status":"ok"}"#);
     let log = host.stop();
     assert!(log.contains("no GPU present"), "{log}");
     for id in ["big", "old"] {

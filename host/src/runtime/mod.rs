@@ -227,11 +227,18 @@ impl Runtime {
     ) -> AttemptOutcome {
         let wit_task = wit_task(task, plugin.max_attempts(task), gpu);
         let started = Instant::now();
+        let fuel = self.limits.fuel;
         let result = self
             .call(signals, |mut store| async move {
+                let instantiating = Instant::now();
                 let handler = plugin.pre().instantiate_async(&mut store).await?;
+                crate::metrics::instantiated(plugin.name(), instantiating.elapsed());
                 let outcome = handler.call_handle(&mut store, &wit_task).await;
                 store.data().flush_output();
+                if let Some(budget) = fuel {
+                    let left = store.get_fuel().unwrap_or(0);
+                    crate::metrics::fuel_consumed(plugin.name(), budget.saturating_sub(left));
+                }
                 outcome
             })
             .await;

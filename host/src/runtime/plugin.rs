@@ -6,6 +6,7 @@
 //! naming the file, and the other plugins load regardless.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -27,7 +28,27 @@ pub struct Plugin {
     pre: HandlerPre<AttemptState>,
     retry: RetryPolicy,
     manifest: Manifest,
+    /// The GPU requirement the host's configuration gives (`[plugins.NAME]`); the
+    /// manifest's fields win over it.
+    host_gpu: Option<GpuRequirement>,
 }
+
+/// A plugin file that did not load, and why.
+#[derive(Debug)]
+pub struct LoadError {
+    /// The file.
+    pub path: PathBuf,
+    /// What went wrong, naming the file.
+    pub cause: anyhow::Error,
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#}", self.cause)
+    }
+}
+
+impl std::error::Error for LoadError {}
 
 impl Plugin {
     /// Compiles the component at `path` and links it against the host's imports. The plugin
@@ -62,12 +83,20 @@ impl Plugin {
             pre,
             retry,
             manifest,
+            host_gpu: None,
         })
     }
 
-    /// What the plugin's tasks need of a GPU, from its manifest.
+    /// Sets the GPU requirement the host's configuration gives this plugin; the manifest's
+    /// fields win over it.
+    pub fn set_host_gpu(&mut self, requirement: Option<GpuRequirement>) {
+        self.host_gpu = requirement;
+    }
+
+    /// What the plugin's tasks need of a GPU: its manifest's fields over the host
+    /// configuration's; `None` when neither asks for one.
     pub fn gpu(&self) -> Option<GpuRequirement> {
-        self.manifest.gpu
+        GpuRequirement::effective(self.manifest.gpu, self.host_gpu)
     }
 
     /// The plugin's manifest (the default when it has none).
@@ -117,12 +146,15 @@ pub struct PluginSet {
 }
 
 impl PluginSet {
-    /// Loads every `*.wasm` file in `dir`. Returns the plugins that loaded and, separately,
-    /// an error for each file that did not; only an unreadable directory is an error.
+    /// Loads every `*.wasm` file in `dir`, giving plugin `NAME` the GPU requirement
+    /// `host_gpu[NAME]` under its manifest's. Returns the plugins that loaded and,
+    /// separately, a [`LoadError`] for each file that did not; only an unreadable directory
+    /// is an error.
     pub fn load_dir(
         runtime: &Runtime,
         dir: &Path,
         retry: &RetryPolicy,
+        host_gpu: &BTreeMap<String, GpuRequirement>,
     ) -> anyhow::Result<(PluginSet, Vec<anyhow::Error>)> {
         let entries = std::fs::read_dir(dir)
             .with_context(|| format!("cannot read the plugin directory {}", dir.display()))?;
@@ -136,11 +168,12 @@ impl PluginSet {
         let mut errors = Vec::new();
         for path in paths {
             match Plugin::load(runtime, &path, retry.clone()) {
-                Ok(plugin) => {
+                Ok(mut plugin) => {
+                    plugin.set_host_gpu(host_gpu.get(plugin.name()).copied());
                     set.plugins
                         .insert(plugin.name().to_owned(), Arc::new(plugin));
                 }
-                Err(err) => errors.push(err),
+                Err(cause) => errors.push(anyhow::Error::new(LoadError { path, cause })),
             }
         }
         Ok((set, errors))
