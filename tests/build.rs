@@ -67,5 +67,5 @@ fn main() {
     );
 
     let out = target_dir.join("wasm32-wasip2").join("release");
-    println!("cargo:rustc-env=REBOUND_TEST_PLUGINS={}", out.display());
+    println!("cargo:rustc-env=TESTS_PLUGIN_DIR={}", out.display());
 }

@@ -31,7 +31,7 @@ use tokio::task::JoinHandle;
 /// The folder holding the compiled example plugins (`echo.wasm`, `flaky.wasm`, …), built by
 /// this crate's build script.
 pub fn plugin_build_dir() -> PathBuf {
-    PathBuf::from(env!("REBOUND_TEST_PLUGINS"))
+    PathBuf::from(env!("TESTS_PLUGIN_DIR"))
 }
 
 /// The compiled plugin `name`.

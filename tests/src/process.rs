@@ -30,12 +30,16 @@ impl Rebound {
         }
     }
 
+    /// The command, with none of the caller's `REBOUND_*` settings: a test sees only the
+    /// settings it gives.
     fn command(&self) -> Command {
         let mut command = Command::new(&self.bin);
-        command
-            .args(&self.store)
-            .env_remove("REBOUND_REDIS_URL")
-            .env_remove("REBOUND_DATA");
+        command.args(&self.store);
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("REBOUND_") {
+                command.env_remove(name);
+            }
+        }
         command
     }
 

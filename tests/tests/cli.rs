@@ -165,7 +165,7 @@ fn bad_input_is_refused_with_a_message_that_names_it() {
         (&["run", "--plugins", "/no/such/dir"], "/no/such/dir"),
         (
             &["run", "--plugins", ".", "--memory-mb", "0"],
-            "--memory-mb",
+            "invalid setting `limits.memory_mb` (from command-line flags): must be at least 1",
         ),
         (
             &["list", "echo", "--state", "done"],
