@@ -24,10 +24,10 @@ use crate::config::HostConfig;
 use crate::gpu::{GpuGate, GpuRequirement, ProbeKind, format_gib, open_probe};
 use crate::runtime::{PluginSet, Runtime};
 use crate::scheduler::Scheduler;
-use crate::settings::{LogFormat, Loaded};
+use crate::settings::StoreSettings;
+use crate::settings::{Loaded, LogFormat};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::redis::RedisStore;
-use crate::settings::StoreSettings;
 use crate::store::{HostReport, SharedStore, StoreError};
 use crate::task::{NewTask, StateCounts, Task, TaskState};
 
@@ -114,11 +114,17 @@ enum Command {
     Cancel {
         /// The task's id.
         id: String,
+        /// Print {"id": ..., "state": ...} as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Run a failed or canceled task again, with a fresh retry budget.
     Retry {
         /// The task's id.
         id: String,
+        /// Print the task as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Show how many tasks each queue has in each state, and the running hosts with their
     /// GPU gates.
@@ -270,6 +276,12 @@ struct SubmitArgs {
     /// Parameters, as JSON text.
     #[arg(long, default_value = "{}")]
     params: String,
+    /// Submit many tasks: a JSON-lines file (`-` for stdin), one task a line, each an object
+    /// with the HTTP API's fields (`params`, `id`, `priority`, `delay_ms`, `retry`,
+    /// `min_gpu_memory_gb`, `max_gpu_utilization`). Shows a progress bar on a terminal;
+    /// a bad line is reported with its number and the rest are still submitted.
+    #[arg(long, conflicts_with_all = ["params", "id", "delay", "delay_ms", "run_at"])]
+    file: Option<PathBuf>,
     /// The task's id; a UUIDv7 is generated when absent.
     #[arg(long)]
     id: Option<String>,
@@ -489,8 +501,8 @@ pub async fn execute(cli: Cli, loaded: Loaded) -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Cancel { id } => cancel(store.as_ref(), &id).await,
-        Command::Retry { id } => retry(store.as_ref(), &id).await,
+        Command::Cancel { id, json } => cancel(store.as_ref(), &id, json).await,
+        Command::Retry { id, json } => retry(store.as_ref(), &id, json).await,
         Command::Stats { json } => stats(store.as_ref(), json).await,
         Command::Config { .. } | Command::Plugins { .. } => unreachable!("handled above"),
     }
@@ -664,6 +676,9 @@ fn hostname() -> String {
 }
 
 async fn submit(store: &dyn crate::store::Store, args: SubmitArgs) -> anyhow::Result<()> {
+    if let Some(file) = &args.file {
+        return submit_file(store, &args.queue, file, args.json).await;
+    }
     let retry = (!args.retry.is_empty()).then(|| args.retry.policy());
     let delay = match (args.delay, args.run_at) {
         (Some(delay), _) => delay,
@@ -761,8 +776,12 @@ async fn list(
     }
 }
 
-async fn cancel(store: &dyn crate::store::Store, id: &str) -> anyhow::Result<()> {
-    match store.cancel(id).await? {
+async fn cancel(store: &dyn crate::store::Store, id: &str, json: bool) -> anyhow::Result<()> {
+    let state = store.cancel(id).await?;
+    if json {
+        return emit(&serde_json::json!({ "id": id, "state": state }).to_string());
+    }
+    match state {
         TaskState::Running => emit(&format!(
             "task {id} is running: the host running it stops it within about a second and it \
              ends canceled (if that host died, once its lease runs out and another host takes \
@@ -772,9 +791,89 @@ async fn cancel(store: &dyn crate::store::Store, id: &str) -> anyhow::Result<()>
     }
 }
 
-async fn retry(store: &dyn crate::store::Store, id: &str) -> anyhow::Result<()> {
+async fn retry(store: &dyn crate::store::Store, id: &str, json: bool) -> anyhow::Result<()> {
     let task = store.retry(id).await?;
+    if json {
+        return emit(&serde_json::to_string(&task)?);
+    }
     emit(&format!("task {} is {} again", task.id, task.state))
+}
+
+/// Submits every line of a JSON-lines file as a task of `queue`, with a progress bar on a
+/// terminal. Lines that fail are reported by number; the others are submitted regardless.
+async fn submit_file(
+    store: &dyn crate::store::Store,
+    queue: &str,
+    file: &std::path::Path,
+    json: bool,
+) -> anyhow::Result<()> {
+    use std::io::BufRead;
+
+    let text = if file == std::path::Path::new("-") {
+        let mut text = String::new();
+        for line in std::io::stdin().lock().lines() {
+            text.push_str(&line.context("cannot read stdin")?);
+            text.push('\n');
+        }
+        text
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?
+    };
+    let lines: Vec<(usize, &str)> = text
+        .lines()
+        .enumerate()
+        .map(|(n, line)| (n + 1, line.trim()))
+        .filter(|(_, line)| !line.is_empty())
+        .collect();
+
+    let bar = indicatif::ProgressBar::new(lines.len() as u64);
+    if std::io::stderr().is_terminal() {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} tasks  {per_sec}  eta {eta}",
+            )
+            .expect("a valid template"),
+        );
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut ids = Vec::with_capacity(lines.len());
+    let mut failures: Vec<String> = Vec::new();
+    for (number, line) in lines {
+        let request: Result<crate::http::SubmitRequest, String> =
+            serde_json::from_str(line).map_err(|err| err.to_string());
+        let created = match request.and_then(|request| request.into_new_task(queue)) {
+            Ok(task) => store.create(task).await.map_err(|err| err.to_string()),
+            Err(err) => Err(err),
+        };
+        match created {
+            Ok(task) => ids.push(task.id),
+            Err(err) => failures.push(format!("line {number}: {err}")),
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+
+    if json {
+        emit(&serde_json::json!({ "ids": ids, "failed": failures }).to_string())?;
+    } else {
+        for id in &ids {
+            emit(id)?;
+        }
+    }
+    if failures.is_empty() {
+        eprintln!("submitted {} task(s) to {queue}", ids.len());
+        return Ok(());
+    }
+    for failure in &failures {
+        eprintln!("{failure}");
+    }
+    bail!(
+        "{} line(s) of {} were not submitted (the other {} were)",
+        failures.len(),
+        file.display(),
+        ids.len()
+    )
 }
 
 /// The human-readable form of a task, one field a line.
@@ -968,9 +1067,14 @@ async fn check_plugins(loaded: &Loaded, json: bool) -> anyhow::Result<()> {
     }
     checks.sort_by(|a, b| a.path.cmp(&b.path));
     if json {
-        emit(&serde_json::to_string_pretty(&serde_json::json!({ "plugins": checks }))?)?;
+        emit(&serde_json::to_string_pretty(
+            &serde_json::json!({ "plugins": checks }),
+        )?)?;
     } else if checks.is_empty() {
-        emit(&format!("no plugins (NAME.wasm files) in {}", dir.display()))?;
+        emit(&format!(
+            "no plugins (NAME.wasm files) in {}",
+            dir.display()
+        ))?;
     } else {
         for check in &checks {
             let line = match (&check.error, &check.gpu) {
@@ -993,7 +1097,11 @@ async fn check_plugins(loaded: &Loaded, json: bool) -> anyhow::Result<()> {
         }
     }
     if !errors.is_empty() {
-        bail!("{} of {} plugin(s) did not load", errors.len(), checks.len());
+        bail!(
+            "{} of {} plugin(s) did not load",
+            errors.len(),
+            checks.len()
+        );
     }
     if checks.is_empty() {
         bail!("no plugins to check in {}", dir.display());

@@ -145,7 +145,10 @@ pub fn router(api: Api) -> Router {
     Router::new()
         .nest("/v1", v1)
         .route("/metrics", get(render_metrics))
-        .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route(
+            "/healthz",
+            get(|| async { Json(json!({ "status": "ok" })) }),
+        )
         .route("/readyz", get(readyz))
         .fallback(|request: Request| async move {
             ApiError::new(
@@ -158,7 +161,11 @@ pub fn router(api: Api) -> Router {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
-                format!("{} is not allowed on {}", request.method(), request.uri().path()),
+                format!(
+                    "{} is not allowed on {}",
+                    request.method(),
+                    request.uri().path()
+                ),
             )
         })
         .with_state(api)
@@ -182,8 +189,12 @@ async fn require_token(
         Some(token) if same_secret(token.as_bytes(), expected.as_bytes()) => {
             next.run(request).await
         }
-        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong bearer token")
-            .into_response(),
+        Some(_) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "wrong bearer token",
+        )
+        .into_response(),
         None => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -198,57 +209,67 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
-/// The body of a submission.
-#[derive(Debug, Deserialize)]
+/// A submission as the API's `POST /v1/queues/{queue}/tasks` body and each line of
+/// `rebound submit --file` give it.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SubmitBody {
+pub struct SubmitRequest {
+    /// The parameters, any JSON value; `{}` when absent.
     #[serde(default)]
-    params: Option<Value>,
+    pub params: Option<Value>,
+    /// The task's id; generated when absent.
     #[serde(default)]
-    id: Option<String>,
+    pub id: Option<String>,
+    /// Higher runs first.
     #[serde(default)]
-    priority: i32,
+    pub priority: i32,
+    /// Wait this long before the task may run, in ms.
     #[serde(default)]
-    delay_ms: u64,
+    pub delay_ms: u64,
+    /// The task's own retry policy.
     #[serde(default)]
-    retry: Option<RetryPolicy>,
+    pub retry: Option<RetryPolicy>,
+    /// Free GPU memory needed, in GiB.
     #[serde(default)]
-    min_gpu_memory_gb: Option<f64>,
+    pub min_gpu_memory_gb: Option<f64>,
+    /// Highest GPU utilization, in percent.
     #[serde(default)]
-    max_gpu_utilization: Option<f64>,
+    pub max_gpu_utilization: Option<f64>,
+}
+
+impl SubmitRequest {
+    /// The task this asks for in `queue`; an error names what is wrong with the GPU
+    /// requirement (the store checks the rest).
+    pub fn into_new_task(self, queue: &str) -> Result<NewTask, String> {
+        let gpu = match (self.min_gpu_memory_gb, self.max_gpu_utilization) {
+            (None, None) => None,
+            (memory, utilization) => Some(GpuRequirement::from_settings(memory, utilization)?),
+        };
+        Ok(NewTask {
+            queue: queue.to_owned(),
+            id: self.id,
+            params: self.params.unwrap_or_else(|| json!({})).to_string(),
+            priority: self.priority,
+            delay_ms: self.delay_ms,
+            retry: self.retry,
+            gpu,
+        })
+    }
 }
 
 async fn submit(
     State(api): State<Shared>,
     Path(queue): Path<String>,
-    body: Result<Json<SubmitBody>, JsonRejection>,
+    body: Result<Json<SubmitRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
-    let gpu = match (body.min_gpu_memory_gb, body.max_gpu_utilization) {
-        (None, None) => None,
-        (memory, utilization) => Some(
-            GpuRequirement::from_settings(memory, utilization).map_err(ApiError::invalid)?,
-        ),
-    };
-    let params = body.params.unwrap_or_else(|| json!({})).to_string();
-    let task = NewTask {
-        queue: queue.clone(),
-        id: body.id,
-        params,
-        priority: body.priority,
-        delay_ms: body.delay_ms,
-        retry: body.retry,
-        gpu,
-    };
+    let task = body.into_new_task(&queue).map_err(ApiError::invalid)?;
     let task = api.store.create(task).await?;
     crate::metrics::task_created(&queue);
     Ok((StatusCode::CREATED, Json(task)).into_response())
 }
 
-async fn get_task(
-    State(api): State<Shared>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
+async fn get_task(State(api): State<Shared>, Path(id): Path<String>) -> Result<Response, ApiError> {
     match api.store.get(&id).await? {
         Some(task) => Ok(Json(task).into_response()),
         None => Err(StoreError::NotFound { id }.into()),
@@ -317,9 +338,7 @@ async fn plugins(State(api): State<Shared>) -> Json<Value> {
     let plugins: Vec<Value> = api
         .plugins
         .iter()
-        .map(|plugin| {
-            json!({ "name": plugin.name(), "path": plugin.path(), "gpu": plugin.gpu() })
-        })
+        .map(|plugin| json!({ "name": plugin.name(), "path": plugin.path(), "gpu": plugin.gpu() }))
         .collect();
     Json(json!({ "plugins": plugins }))
 }
@@ -348,7 +367,11 @@ async fn readyz(State(api): State<Shared>) -> Response {
 }
 
 async fn render_metrics(State(api): State<Shared>) -> Response {
-    ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], api.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, PROMETHEUS_TEXT)],
+        api.metrics.render(),
+    )
+        .into_response()
 }
 
 /// Binds `addr` now (so a taken port is a start-up error) and returns the server, which runs

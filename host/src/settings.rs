@@ -310,15 +310,13 @@ const ENV_SHORT_NAMES: [(&str, &str); 6] = [
 
 /// The `REBOUND_*` environment layer. `REBOUND_CONFIG` names the file and is not a setting.
 pub fn environment() -> Env {
-    Env::prefixed("REBOUND_")
-        .ignore(&["config"])
-        .map(|key| {
-            let lower = key.as_str().to_ascii_lowercase();
-            match ENV_SHORT_NAMES.iter().find(|(short, _)| *short == lower) {
-                Some((_, full)) => (*full).into(),
-                None => lower.replace("__", ".").into(),
-            }
-        })
+    Env::prefixed("REBOUND_").ignore(&["config"]).map(|key| {
+        let lower = key.as_str().to_ascii_lowercase();
+        match ENV_SHORT_NAMES.iter().find(|(short, _)| *short == lower) {
+            Some((_, full)) => (*full).into(),
+            None => lower.replace("__", ".").into(),
+        }
+    })
 }
 
 impl Loaded {
@@ -384,7 +382,10 @@ impl Loaded {
 
     /// An error about `key`, naming where its value came from.
     fn bad(&self, key: &str, problem: impl std::fmt::Display) -> anyhow::Error {
-        anyhow::anyhow!("invalid setting `{key}` (from {}): {problem}", self.source_of(key))
+        anyhow::anyhow!(
+            "invalid setting `{key}` (from {}): {problem}",
+            self.source_of(key)
+        )
     }
 
     /// Moves the old framework's settings onto the new keys that were not set themselves.
@@ -439,7 +440,11 @@ impl Loaded {
                 settings.host.batch_size = v;
             }
             if let Some(v) = task.max_retry_count
-                && moved("task.max_retry_count", "retry.max_retry_count", &mut warnings)
+                && moved(
+                    "task.max_retry_count",
+                    "retry.max_retry_count",
+                    &mut warnings,
+                )
             {
                 settings.retry.max_retry_count = v;
             }
@@ -449,12 +454,20 @@ impl Loaded {
                 settings.retry.backoff = v;
             }
             if let Some(v) = task.backoff_interval
-                && moved("task.backoff_interval", "retry.backoff_interval_ms", &mut warnings)
+                && moved(
+                    "task.backoff_interval",
+                    "retry.backoff_interval_ms",
+                    &mut warnings,
+                )
             {
                 settings.retry.backoff_interval_ms = v.saturating_mul(1000);
             }
             if let Some(v) = task.backoff_multiplier
-                && moved("task.backoff_multiplier", "retry.backoff_multiplier", &mut warnings)
+                && moved(
+                    "task.backoff_multiplier",
+                    "retry.backoff_multiplier",
+                    &mut warnings,
+                )
             {
                 settings.retry.backoff_multiplier = v;
             }
@@ -475,7 +488,11 @@ impl Loaded {
                 settings.host.concurrency = v;
             }
             if let Some(v) = pool.exec_timeout
-                && moved("threadpool.exec_timeout", "limits.exec_timeout_ms", &mut warnings)
+                && moved(
+                    "threadpool.exec_timeout",
+                    "limits.exec_timeout_ms",
+                    &mut warnings,
+                )
             {
                 settings.limits.exec_timeout_ms = v.saturating_mul(1000);
             }
@@ -636,7 +653,10 @@ fn describe_errors(errors: figment::Error) -> anyhow::Error {
 /// A layer in words: the file's path, or the environment variable that set `path`.
 fn layer_name(meta: &Metadata, path: &[String]) -> String {
     if meta.name.contains("environment") && !path.is_empty() {
-        return format!("environment variable REBOUND_{}", path.join("__").to_uppercase());
+        return format!(
+            "environment variable REBOUND_{}",
+            path.join("__").to_uppercase()
+        );
     }
     match &meta.source {
         Some(source) => format!("{} {source}", meta.name),

@@ -273,7 +273,9 @@ fn http_address(host: &rebound_tests::process::HostProcess) -> String {
         let line = log
             .lines()
             .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .find(|line| line["fields"]["message"] == "serving the HTTP API, /metrics and /healthz");
+            .find(|line| {
+                line["fields"]["message"] == "serving the HTTP API, /metrics and /healthz"
+            });
         if let Some(line) = line {
             return line["fields"]["address"].as_str().unwrap().to_owned();
         }
