@@ -1,6 +1,7 @@
 # Installs what building and testing Rebound needs, when it is missing: the wasm32-wasip2
 # Rust target (plugins) and, for the tests, redis-server and redis-cli (their own servers and
-# clusters) and openssl (certificates for the TLS test). Sourced by the other scripts.
+# clusters), openssl (certificates for the TLS test) and prometheus (promtool checks a scrape;
+# a private Prometheus server scrapes a host). Sourced by the other scripts.
 
 install_wasm_target() {
   if ! rustup target list --installed | grep -qx wasm32-wasip2; then
@@ -14,6 +15,7 @@ install_test_tools() {
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
   command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
   command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+  command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
   if [ "${#missing[@]}" -gt 0 ]; then
     echo "==> installing ${missing[*]}"
     local sudo=""

@@ -164,6 +164,26 @@ impl HostProcess {
         log
     }
 
+    /// The address the host serves HTTP on (`--http 127.0.0.1:0` picks a free port), from
+    /// its log; waits up to 20 s for it.
+    pub fn http_address(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log();
+            let line = log
+                .lines()
+                .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+                .find(|line| {
+                    line["fields"]["message"] == "serving the HTTP API, /metrics and /healthz"
+                });
+            if let Some(line) = line {
+                return line["fields"]["address"].as_str().unwrap().to_owned();
+            }
+            assert!(Instant::now() < deadline, "no HTTP address in {log}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Ctrl-C: see [`HostProcess::stop_with`].
     pub fn stop(self) -> String {
         self.stop_with("INT", Duration::from_secs(15))
@@ -200,4 +220,31 @@ pub fn executions(log: &str) -> std::collections::HashMap<String, u32> {
         }
     }
     counts
+}
+
+/// `GET path` from `addr` over plain HTTP/1.0; the body of a 200 answer (anything else
+/// fails the test).
+pub fn http_get(addr: &str, path: &str) -> String {
+    try_http_get(addr, path).unwrap_or_else(|err| panic!("{err}"))
+}
+
+/// `GET path` from `addr` over plain HTTP/1.0; the body of a 200 answer, or what went wrong.
+pub fn try_http_get(addr: &str, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)
+        .map_err(|err| format!("cannot connect to {addr}: {err}"))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")
+        .map_err(|err| format!("GET {path}: {err}"))?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|err| format!("GET {path}: {err}"))?;
+    let status = response.lines().next().unwrap_or_default();
+    if !status.contains(" 200 ") {
+        return Err(format!("GET {path}: {response}"));
+    }
+    Ok(response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default())
 }

@@ -251,42 +251,6 @@ fn a_broken_plugin_file_is_named_and_the_others_still_load() {
     assert!(log.contains("broken.wasm"), "{log}");
 }
 
-/// `GET path` over plain HTTP/1.0, returning the body.
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    assert!(
-        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
-        "{response}"
-    );
-    response.split_once("\r\n\r\n").unwrap().1.to_owned()
-}
-
-/// Where the host said it serves HTTP, from its JSON log.
-fn http_address(host: &rebound_tests::process::HostProcess) -> String {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let log = host.log();
-        let line = log
-            .lines()
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .find(|line| {
-                line["fields"]["message"] == "serving the HTTP API, /metrics and /healthz"
-            });
-        if let Some(line) = line {
-            return line["fields"]["address"].as_str().unwrap().to_owned();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no HTTP address in {log}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn gpu_requirements_from_the_command_line_and_a_host_without_a_gpu() {
     let (_data, rebound) = embedded();
@@ -330,7 +294,7 @@ fn gpu_requirements_from_the_command_line_and_a_host_without_a_gpu() {
         ],
     );
     assert_eq!(rebound.wait_final(&plain)["state"], "completed");
-    let addr = http_address(&host);
+    let addr = host.http_address();
     // Wait until the host has published a report that holds both GPU tasks.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let stats = loop {
@@ -342,12 +306,15 @@ fn gpu_requirements_from_the_command_line_and_a_host_without_a_gpu() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
     assert!(stats.contains("GPU gate closed: no GPU present"), "{stats}");
-    let metrics = http_get(&addr, "/metrics");
+    let metrics = rebound_tests::process::http_get(&addr, "/metrics");
     assert!(
         metrics.contains(r#"rebound_gate_waiting_tasks{queue="sleepy"} 2"#),
         "{metrics}"
     );
-    assert_eq!(http_get(&addr, "/healthz").trim(), r#"{"status":"ok"}"#);
+    assert_eq!(
+        rebound_tests::process::http_get(&addr, "/healthz").trim(),
+        r#"{"status":"ok"}"#
+    );
     let log = host.stop();
     assert!(log.contains("no GPU present"), "{log}");
     for id in ["big", "old"] {
@@ -355,4 +322,90 @@ fn gpu_requirements_from_the_command_line_and_a_host_without_a_gpu() {
         assert_eq!(task["state"], "pending", "{task}");
         assert_eq!(task["attempt"], 0, "{task}");
     }
+}
+
+/// Every command's `--json` output parses back, with the fields scripts rely on.
+#[test]
+fn json_output_of_every_command_parses_back() {
+    let (data, rebound) = embedded();
+    let json = |args: &[&str]| -> Value {
+        let out = rebound.ok(args);
+        serde_json::from_str(&out).unwrap_or_else(|err| panic!("{args:?}: {err}: {out}"))
+    };
+
+    let task = json(&["submit", "echo", "--id", "j1", "--delay", "1h", "--json"]);
+    assert_eq!(task["id"], "j1");
+    assert_eq!(json(&["get", "j1", "--json"])["state"], "pending");
+    let page = json(&["list", "echo", "--state", "pending", "--json"]);
+    assert_eq!(page["tasks"][0]["id"], "j1");
+    assert_eq!(page["next"], Value::Null);
+    assert_eq!(
+        json(&["cancel", "j1", "--json"]),
+        serde_json::json!({"id": "j1", "state": "canceled"})
+    );
+    assert_eq!(json(&["retry", "j1", "--json"])["state"], "pending");
+    let stats = json(&["stats", "--json"]);
+    assert_eq!(stats["queues"]["echo"]["pending"], 1);
+    assert_eq!(stats["hosts"], serde_json::json!([]));
+    let config = json(&["config", "--json"]);
+    assert_eq!(config["settings"]["host"]["concurrency"], 8);
+
+    let plugins = plugin_dir(&["echo"]);
+    std::fs::write(plugins.path().join("broken.wasm"), b"not wasm").unwrap();
+    let out = rebound.output(&[
+        "plugins",
+        "--plugins",
+        plugins.path().to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        !out.status.success(),
+        "a plugin that does not load fails the check"
+    );
+    let checked: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let checked = checked["plugins"].as_array().unwrap();
+    assert_eq!(checked.len(), 2);
+    assert!(
+        checked[0]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("broken.wasm")
+    );
+    assert_eq!(checked[0]["loaded"], false);
+    assert!(
+        checked[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("broken.wasm")
+    );
+    assert_eq!(checked[1]["name"], "echo");
+    assert_eq!(checked[1]["loaded"], true);
+
+    // A bulk submission: every good line becomes a task, a bad one is named by number.
+    let lines = data.path().join("tasks.jsonl");
+    std::fs::write(
+        &lines,
+        "{\"params\":{\"n\":1},\"id\":\"bulk-1\"}\n\n{\"params\":{\"n\":2},\"priority\":3}\n\
+         {\"prams\":{}}\n{\"params\":{\"n\":4}}\n",
+    )
+    .unwrap();
+    let out = rebound.output(&[
+        "submit",
+        "echo",
+        "--file",
+        lines.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(!out.status.success());
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["ids"].as_array().unwrap().len(), 3, "{result}");
+    assert_eq!(result["ids"][0], "bulk-1");
+    let failed = result["failed"].as_array().unwrap();
+    assert_eq!(failed.len(), 1);
+    assert!(
+        failed[0].as_str().unwrap().starts_with("line 4:"),
+        "{failed:?}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 line(s)"));
+    assert_eq!(json(&["stats", "--json"])["queues"]["echo"]["pending"], 4);
 }
