@@ -146,6 +146,9 @@ impl Scheduler {
         }
         refresher.abort();
         reporter.abort();
+        if let Err(err) = self.store.forget_host(&self.host_id).await {
+            debug!(error = %err, "host report not deleted; it expires by itself");
+        }
         info!("host stopped");
     }
 

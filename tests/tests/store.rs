@@ -757,6 +757,8 @@ async fn host_reports_are_kept_until_their_ttl(backend: Backend) {
         [report("b", 3)],
         "a's report expired, b's was renewed"
     );
+    ts.store.forget_host("b").await.unwrap();
+    assert_eq!(ts.store.hosts().await.unwrap(), []);
 }
 
 rebound_tests::on_both_stores!(

@@ -733,6 +733,16 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn forget_host(&self, host: &str) -> Result<(), StoreError> {
+        let host = host.to_owned();
+        self.run("forget host", move |conn| {
+            conn.prepare_cached("DELETE FROM hosts WHERE id = ?1")?
+                .execute([host])?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn hosts(&self) -> Result<Vec<HostReport>, StoreError> {
         self.run("list hosts", |conn| {
             let mut stmt =

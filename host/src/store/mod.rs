@@ -318,6 +318,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// The reports of the hosts that published one within its ttl, sorted by host id.
     async fn hosts(&self) -> Result<Vec<HostReport>, StoreError>;
+
+    /// Deletes host `host`'s report, when it stops.
+    async fn forget_host(&self, host: &str) -> Result<(), StoreError>;
 }
 
 /// Milliseconds since the Unix epoch, by this machine's clock.

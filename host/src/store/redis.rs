@@ -788,6 +788,18 @@ impl Store for RedisStore {
             .map_err(|err| StoreError::backend("report host", err))
     }
 
+    async fn forget_host(&self, host: &str) -> Result<(), StoreError> {
+        let backend = |err| StoreError::backend("forget host", err);
+        self.client
+            .del::<(), _>(keys::host(host))
+            .await
+            .map_err(backend)?;
+        self.client
+            .zrem::<(), _, _>(keys::HOSTS, host)
+            .await
+            .map_err(backend)
+    }
+
     async fn hosts(&self) -> Result<Vec<HostReport>, StoreError> {
         let backend = |err| StoreError::backend("list hosts", err);
         let now = now_ms() as f64;
