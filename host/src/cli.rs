@@ -556,7 +556,15 @@ async fn load_plugins(
     config: &HostConfig,
 ) -> anyhow::Result<(Arc<Runtime>, PathBuf, PluginSet, Vec<anyhow::Error>)> {
     let dir = plugin_dir(loaded)?;
-    let runtime = Arc::new(Runtime::new(config.limits.clone())?);
+    let cache = loaded.settings.cache.directory();
+    let runtime = Arc::new(Runtime::with_cache(
+        config.limits.clone(),
+        cache.as_deref(),
+    )?);
+    match &cache {
+        Some(dir) => tracing::debug!(cache = %dir.display(), "compiled plugins are cached"),
+        None => tracing::debug!("compiled plugins are not cached"),
+    }
     let host_gpu: BTreeMap<String, GpuRequirement> = loaded
         .settings
         .plugins

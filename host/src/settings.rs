@@ -49,6 +49,8 @@ pub struct Settings {
     pub http: HttpSettings,
     /// Logging.
     pub log: LogSettings,
+    /// The compiled-plugin cache.
+    pub cache: CacheSettings,
     /// Per-plugin settings, by plugin name: `[plugins.NAME]`. A plugin's own manifest wins
     /// over these.
     pub plugins: BTreeMap<String, PluginSettings>,
@@ -159,6 +161,46 @@ pub enum LogFormat {
     Text,
     /// One JSON object per event.
     Json,
+}
+
+/// `[cache]`: where compiled plugins are kept, so a restart does not compile them again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSettings {
+    /// Whether to cache at all.
+    pub enabled: bool,
+    /// The directory; `$XDG_CACHE_HOME/rebound/plugins` (else `~/.cache/rebound/plugins`)
+    /// when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            enabled: true,
+            dir: None,
+        }
+    }
+}
+
+impl CacheSettings {
+    /// The cache directory to use, if caching is on and a directory can be found.
+    pub fn directory(&self) -> Option<PathBuf> {
+        if !self.enabled {
+            return None;
+        }
+        if let Some(dir) = &self.dir {
+            return Some(dir.clone());
+        }
+        let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+            Some(dir) => PathBuf::from(dir),
+            None => {
+                PathBuf::from(std::env::var_os("HOME").filter(|v| !v.is_empty())?).join(".cache")
+            }
+        };
+        Some(base.join("rebound").join("plugins"))
+    }
 }
 
 /// `[plugins.NAME]`.

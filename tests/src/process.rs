@@ -40,6 +40,8 @@ impl Rebound {
                 command.env_remove(name);
             }
         }
+        // Compiled plugins are cached in a folder of this test process, not the user's.
+        command.env("XDG_CACHE_HOME", test_cache_home());
         command
     }
 
@@ -220,6 +222,13 @@ pub fn executions(log: &str) -> std::collections::HashMap<String, u32> {
         }
     }
     counts
+}
+
+/// The `XDG_CACHE_HOME` of the `rebound` processes tests start: a folder in the system's
+/// temporary directory, shared by test runs (it only holds compiled plugins), so tests never
+/// write to the user's own cache.
+fn test_cache_home() -> PathBuf {
+    std::env::temp_dir().join("rebound-tests-cache")
 }
 
 /// `GET path` from `addr` over plain HTTP/1.0; the body of a 200 answer (anything else

@@ -18,6 +18,7 @@ pub mod plugin;
 pub mod sandbox;
 
 use std::fmt;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -175,12 +176,34 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// Builds the engine and starts its epoch ticker.
+    /// Builds the engine and starts its epoch ticker. Plugins are compiled at every load.
     pub fn new(limits: SandboxLimits) -> anyhow::Result<Self> {
+        Runtime::with_cache(limits, None)
+    }
+
+    /// Like [`Runtime::new`], with compiled plugins cached in `cache_dir`: a component
+    /// already compiled by this version of the engine, with these settings, loads from
+    /// there instead of being compiled again. The key is a hash of the component's bytes
+    /// and of the engine's version and settings, so a changed file or a new Rebound
+    /// compiles afresh; an unreadable or corrupt entry is compiled again and replaced.
+    pub fn with_cache(limits: SandboxLimits, cache_dir: Option<&Path>) -> anyhow::Result<Self> {
         let mut config = wasmtime::Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
         config.consume_fuel(limits.fuel.is_some());
+        if let Some(dir) = cache_dir {
+            std::fs::create_dir_all(dir).with_context(|| {
+                format!("cannot create the compiled-plugin cache {}", dir.display())
+            })?;
+            let dir = std::path::absolute(dir)
+                .with_context(|| format!("cannot resolve {}", dir.display()))?;
+            let mut cache = wasmtime::CacheConfig::new();
+            cache.with_directory(&dir);
+            let cache = wasmtime::Cache::new(cache)
+                .map_err(anyhow::Error::from)
+                .with_context(|| format!("cannot use {} as the plugin cache", dir.display()))?;
+            config.cache(Some(cache));
+        }
         let engine = Engine::new(&config)
             .map_err(anyhow::Error::from)
             .context("cannot create the WebAssembly engine")?;
