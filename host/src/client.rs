@@ -50,7 +50,9 @@ impl Client {
 
     /// Submits a task.
     pub async fn submit(&self, task: NewTask) -> Result<Task, StoreError> {
-        self.store.create(task).await
+        let task = self.store.create(task).await?;
+        crate::metrics::task_created(&task.queue);
+        Ok(task)
     }
 
     /// The task with this id, if any.

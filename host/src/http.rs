@@ -235,13 +235,32 @@ pub struct SubmitRequest {
     /// Highest GPU utilization, in percent.
     #[serde(default)]
     pub max_gpu_utilization: Option<f64>,
+    /// The replaced framework's name for `max_gpu_utilization` (it meant "at most"); taken
+    /// with a warning in the log.
+    #[serde(default)]
+    pub min_gpu_utilization: Option<f64>,
 }
 
 impl SubmitRequest {
     /// The task this asks for in `queue`; an error names what is wrong with the GPU
     /// requirement (the store checks the rest).
     pub fn into_new_task(self, queue: &str) -> Result<NewTask, String> {
-        let gpu = match (self.min_gpu_memory_gb, self.max_gpu_utilization) {
+        let utilization = match (self.max_gpu_utilization, self.min_gpu_utilization) {
+            (Some(_), Some(_)) => {
+                return Err("max_gpu_utilization and its deprecated alias \
+                            min_gpu_utilization are both given; keep max_gpu_utilization"
+                    .to_owned());
+            }
+            (None, Some(old)) => {
+                tracing::warn!(
+                    "min_gpu_utilization is deprecated: it means \"start only while utilization \
+                     is at most this\"; name it max_gpu_utilization"
+                );
+                Some(old)
+            }
+            (max, None) => max,
+        };
+        let gpu = match (self.min_gpu_memory_gb, utilization) {
             (None, None) => None,
             (memory, utilization) => Some(GpuRequirement::from_settings(memory, utilization)?),
         };
