@@ -95,6 +95,12 @@ async fn submit_get_and_list(backend: Backend) {
     assert_eq!(task["state"], "pending");
     assert_eq!(task["params"], r#"{"n":1}"#);
     assert_eq!(task["gpu"]["memory_bytes"], 1u64 << 29);
+    // The old framework's name for the utilization limit still works.
+    let old = json!({"min_gpu_utilization": 40});
+    let (status, aliased) = call(&app, Method::POST, "/v1/queues/echo/tasks", Some(old)).await;
+    assert_eq!(status, StatusCode::CREATED, "{aliased}");
+    assert_eq!(aliased["gpu"]["max_utilization"], 40);
+    ts.store.cancel(aliased["id"].as_str().unwrap()).await.unwrap();
     // Everything but the queue is optional.
     let (status, plain) = call(&app, Method::POST, "/v1/queues/echo/tasks", Some(json!({}))).await;
     assert_eq!(status, StatusCode::CREATED);
@@ -154,6 +160,10 @@ async fn submissions_the_store_refuses_name_what_is_wrong(backend: Backend) {
         (json!({"min_gpu_memory_gb": -1}), "min_gpu_memory_gb"),
         (json!({"max_gpu_utilization": 120}), "max_gpu_utilization"),
         (json!({"retry": {"backoff": "sometimes"}}), "sometimes"),
+        (
+            json!({"min_gpu_utilization": 1, "max_gpu_utilization": 1}),
+            "both",
+        ),
     ];
     for (body, named) in cases {
         let answer = submit(body.clone()).await;
