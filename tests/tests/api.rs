@@ -100,7 +100,10 @@ async fn submit_get_and_list(backend: Backend) {
     let (status, aliased) = call(&app, Method::POST, "/v1/queues/echo/tasks", Some(old)).await;
     assert_eq!(status, StatusCode::CREATED, "{aliased}");
     assert_eq!(aliased["gpu"]["max_utilization"], 40);
-    ts.store.cancel(aliased["id"].as_str().unwrap()).await.unwrap();
+    ts.store
+        .cancel(aliased["id"].as_str().unwrap())
+        .await
+        .unwrap();
     // Everything but the queue is optional.
     let (status, plain) = call(&app, Method::POST, "/v1/queues/echo/tasks", Some(json!({}))).await;
     assert_eq!(status, StatusCode::CREATED);
