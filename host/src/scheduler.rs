@@ -4,7 +4,8 @@
 //! tasks as it has free slots (at most `batch_size` per round trip), and each claimed task
 //! runs as its own async task that owns its slot: the slot is released when that task ends,
 //! whatever the path, so a slow task holds one slot and never a whole batch. An idle worker
-//! asks the store again after `poll_interval`.
+//! asks the store again after `poll_interval`, or as soon as the store announces a
+//! submission to its queue ([`crate::store::Store::watch_submissions`]), whichever is first.
 //!
 //! After an attempt, the worker applies the task's retry policy: a retry request or a trap
 //! becomes `retrying` with the policy's delay (or the handler's own); on the last attempt it
@@ -34,7 +35,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
@@ -45,7 +46,8 @@ use crate::runtime::bindings::Failure;
 use crate::runtime::sandbox::{AttemptSignals, InterruptCause};
 use crate::runtime::{AttemptOutcome, Plugin, PluginSet, Runtime, TrapReason};
 use crate::store::{
-    AttemptRef, FailedAttempt, HostReport, NextStep, Requeued, SharedStore, StoreError, now_ms,
+    AttemptRef, FailedAttempt, HostReport, NextStep, Requeued, SharedStore, StoreError,
+    SubmissionWatch, WakeFn, now_ms,
 };
 use crate::task::{MAX_DELAY_MS, Task, TaskState, bounded_error};
 
@@ -111,6 +113,12 @@ impl Scheduler {
         let refresher = self.gate.spawn_refresher();
         let held = HeldCounts::default();
         let reporter = tokio::spawn(self.report_loop(held.clone()));
+        let wakeups: HashMap<String, Arc<Notify>> = self
+            .plugins
+            .iter()
+            .map(|plugin| (plugin.name().to_owned(), Arc::new(Notify::new())))
+            .collect();
+        let _watch = self.watch_submissions(&wakeups).await;
         for plugin in self.plugins.iter() {
             let worker = QueueWorker {
                 hurry: hurry_rx.clone(),
@@ -123,6 +131,7 @@ impl Scheduler {
                 running: Arc::default(),
                 gate: self.gate.clone(),
                 held: held.clone(),
+                submitted: wakeups[plugin.name()].clone(),
             };
             workers.spawn(worker.run(stop_rx.clone()));
         }
@@ -150,6 +159,25 @@ impl Scheduler {
             debug!(error = %err, "host report not deleted; it expires by itself");
         }
         info!("host stopped");
+    }
+
+    /// Has the store wake each queue's worker when a task is submitted to it. Without it
+    /// (the store could not set it up), workers find new tasks by polling.
+    async fn watch_submissions(&self, wakeups: &HashMap<String, Arc<Notify>>) -> SubmissionWatch {
+        let queues: Vec<String> = wakeups.keys().cloned().collect();
+        let wakeups = wakeups.clone();
+        let wake: WakeFn = Arc::new(move |queue: &str| {
+            if let Some(notify) = wakeups.get(queue) {
+                notify.notify_one();
+            }
+        });
+        match self.store.watch_submissions(&queues, wake).await {
+            Ok(watch) => watch,
+            Err(err) => {
+                warn!(error = %err, "no submission wake-ups; idle queues poll");
+                SubmissionWatch::none()
+            }
+        }
     }
 
     /// Publishes this host's report (queues, GPU gate) every gate interval, for
@@ -213,6 +241,8 @@ struct QueueWorker {
     running: RunningAttempts,
     gate: GpuGate,
     held: HeldCounts,
+    /// Notified when a task is submitted to the queue.
+    submitted: Arc<Notify>,
 }
 
 /// When the gate first and last refused a task, for the time it spent waiting.
@@ -307,6 +337,7 @@ impl QueueWorker {
             } else if idle {
                 tokio::select! {
                     _ = tokio::time::sleep(self.config.poll_interval) => {}
+                    _ = self.submitted.notified() => {}
                     _ = stop.changed() => break,
                 }
             }

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use rebound::backoff::{RetryPolicy, Strategy};
+use rebound::config::HostConfig;
 use rebound::runtime::SandboxLimits;
 use rebound::task::{NewTask, Task, TaskState};
 use rebound_tests::{Backend, TestHost, TestStore, test_config, wait_for_state, wait_until_final};
@@ -344,7 +345,34 @@ async fn two_hosts_never_run_a_task_twice(backend: Backend) {
     second.shutdown().await;
 }
 
+async fn an_idle_host_starts_a_submitted_task_without_waiting_for_its_poll(backend: Backend) {
+    let ts = TestStore::new(backend).await.unwrap();
+    // A poll interval far longer than the test: only the wake-up can start the tasks soon.
+    let config = HostConfig {
+        poll_interval: Duration::from_secs(60),
+        ..test_config()
+    };
+    let host = TestHost::start(ts.store.clone(), &["echo"], config);
+    // Let the host claim once, find nothing, and go idle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut waits = Vec::new();
+    for n in 0..5 {
+        let task = submit(&ts, "echo", json!({ "n": n }), None).await;
+        let done = wait_for_state(ts.store.as_ref(), &task.id, TaskState::Completed, LIMIT)
+            .await
+            .unwrap();
+        waits.push(done.started_ms.unwrap() - done.created_ms);
+        // Idle again before the next one.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    host.shutdown().await;
+    eprintln!("submit → start with a 60 s poll interval: {waits:?} ms");
+    assert!(waits.iter().all(|ms| *ms < 5_000), "{waits:?}");
+}
+
 rebound_tests::on_both_stores!(
+    an_idle_host_starts_a_submitted_task_without_waiting_for_its_poll,
     echo_completes_with_its_params,
     flaky_retries_with_fixed_backoff_then_completes,
     exhausted_retries_fail_and_run_the_hook_once,

@@ -26,6 +26,7 @@
 //! running under leases no host knows it holds.
 
 use std::cell::Cell;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,7 +40,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Mutex;
 
 use super::{
-    AttemptRef, FailedAttempt, HostReport, NextStep, Requeued, Store, StoreError, TaskPage, now_ms,
+    AttemptRef, FailedAttempt, HostReport, NextStep, Requeued, Store, StoreError,
+    SubmissionWatch, TaskPage, WakeFn, now_ms,
 };
 use crate::task::{ERROR_HISTORY_LEN, Lease, NewTask, StateCounts, Task, TaskState};
 
@@ -149,6 +151,10 @@ pub struct EmbeddedStore {
     /// The connection. The mutex is tokio's: transitions queue for it in order, and without
     /// holding a blocking thread while they wait.
     conn: Arc<Mutex<Connection>>,
+    /// Announces the queue of every task submitted ready to run through this handle (or a
+    /// clone), for [`Store::watch_submissions`]. Other processes' submissions are not
+    /// seen: hosts find those by polling.
+    submitted: tokio::sync::broadcast::Sender<String>,
 }
 
 /// How a transition's work can fail: with a refusal the caller gets as it is, or with a
@@ -183,6 +189,7 @@ impl EmbeddedStore {
         Ok(EmbeddedStore {
             path: path.to_owned(),
             conn: Arc::new(Mutex::new(conn)),
+            submitted: tokio::sync::broadcast::channel(1024).0,
         })
     }
 
@@ -324,7 +331,7 @@ fn begin(conn: &mut Connection) -> rusqlite::Result<Transaction<'_>> {
 impl Store for EmbeddedStore {
     async fn create(&self, new: NewTask) -> Result<Task, StoreError> {
         new.validate().map_err(StoreError::Invalid)?;
-        self.run("create", move |conn| {
+        let task = self.run("create", move |conn| {
             let tx = begin(conn)?;
             let id = new
                 .id
@@ -341,7 +348,12 @@ impl Store for EmbeddedStore {
             tx.commit()?;
             Ok(task)
         })
-        .await
+        .await?;
+        if task.run_at_ms <= task.created_ms {
+            // No receiver is not an error: no host of this process is watching.
+            let _ = self.submitted.send(task.queue.clone());
+        }
+        Ok(task)
     }
 
     async fn claim(
@@ -731,6 +743,34 @@ impl Store for EmbeddedStore {
             Ok(())
         })
         .await
+    }
+
+    async fn watch_submissions(
+        &self,
+        queues: &[String],
+        wake: WakeFn,
+    ) -> Result<SubmissionWatch, StoreError> {
+        let queues: HashSet<String> = queues.iter().cloned().collect();
+        let mut submitted = self.submitted.subscribe();
+        let (watch, mut stopped) = SubmissionWatch::new();
+        tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    message = submitted.recv() => message,
+                    _ = &mut stopped => break,
+                };
+                match message {
+                    Ok(queue) if queues.contains(&queue) => wake(&queue),
+                    Ok(_) => {}
+                    // Fell behind: wake every queue rather than miss one.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        queues.iter().for_each(|queue| wake(queue));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+        Ok(watch)
     }
 
     async fn forget_host(&self, host: &str) -> Result<(), StoreError> {

@@ -192,6 +192,37 @@ pub struct HostReport {
     pub held_at_gate: BTreeMap<String, usize>,
 }
 
+/// Tells a host, as long as it is kept, that tasks were submitted; see
+/// [`Store::watch_submissions`]. Dropping it stops the watch, which then closes what it
+/// opened.
+pub struct SubmissionWatch {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl SubmissionWatch {
+    /// A watch, and the signal its task stops on (the sender's drop).
+    pub fn new() -> (Self, tokio::sync::oneshot::Receiver<()>) {
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        (SubmissionWatch { stop: Some(stop) }, stopped)
+    }
+
+    /// A watch that never fires (the host relies on polling alone).
+    pub fn none() -> Self {
+        SubmissionWatch { stop: None }
+    }
+}
+
+impl Drop for SubmissionWatch {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// What a [`SubmissionWatch`] calls with the queue of a task that was just submitted.
+pub type WakeFn = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// How tasks are stored and moved between states. See the module docs.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -321,6 +352,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes host `host`'s report, when it stops.
     async fn forget_host(&self, host: &str) -> Result<(), StoreError>;
+
+    /// Calls `wake` with the queue soon after a task of one of `queues` is submitted ready
+    /// to run, for as long as the returned watch is kept, so an idle host starts it at once
+    /// instead of at its next poll. Best effort: a missed wake-up costs one poll interval,
+    /// never a task.
+    async fn watch_submissions(
+        &self,
+        queues: &[String],
+        wake: WakeFn,
+    ) -> Result<SubmissionWatch, StoreError>;
 }
 
 /// Milliseconds since the Unix epoch, by this machine's clock.

@@ -20,7 +20,8 @@ use fred::prelude::*;
 use fred::types::scripts::Script;
 
 use super::{
-    AttemptRef, FailedAttempt, HostReport, NextStep, Requeued, Store, StoreError, TaskPage, now_ms,
+    AttemptRef, FailedAttempt, HostReport, NextStep, Requeued, Store, StoreError,
+    SubmissionWatch, TaskPage, WakeFn, now_ms,
 };
 use crate::backoff::RetryPolicy;
 use crate::gpu::GpuRequirement;
@@ -59,6 +60,14 @@ mod keys {
     /// The string holding host `id`'s latest report (JSON), with a TTL.
     pub fn host(id: &str) -> String {
         format!("rebound:host:{id}")
+    }
+
+    /// The start of the channel on which submissions to a queue are announced.
+    pub const WAKE_PREFIX: &str = "rebound:wake:";
+
+    /// The channel on which submissions to `queue` are announced.
+    pub fn wake_channel(queue: &str) -> String {
+        format!("{WAKE_PREFIX}{queue}")
     }
 
     /// The string that records which queue holds task `id`.
@@ -118,6 +127,8 @@ impl Scripts {
 /// Tasks in Redis. Cheap to share: one multiplexed connection that reconnects by itself.
 pub struct RedisStore {
     client: Client,
+    /// How `client` was built, for the subscriber of [`Store::watch_submissions`].
+    builder: Builder,
     scripts: Scripts,
     /// Queues this process already added to `rebound:queues`, to skip the write next time.
     known_queues: Mutex<HashSet<String>>,
@@ -149,7 +160,8 @@ impl RedisStore {
             let tls = tls_with_ca(ca_file).map_err(|err| StoreError::backend("connect", err))?;
             config.tls = Some(tls.into());
         }
-        let client = Builder::from_config(config)
+        let mut builder = Builder::from_config(config);
+        builder
             .with_connection_config(|conn| {
                 conn.connection_timeout = Duration::from_secs(5);
                 conn.internal_command_timeout = Duration::from_secs(10);
@@ -159,7 +171,8 @@ impl RedisStore {
             })
             // Reconnect forever, backing off from 100 ms to 5 s, so a Redis restart only
             // pauses the host.
-            .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2));
+        let client = builder
             .build()
             .map_err(|err| StoreError::backend("connect", err))?;
         client
@@ -169,6 +182,7 @@ impl RedisStore {
             .map_err(|err| StoreError::backend("connect", err))?;
         Ok(RedisStore {
             client,
+            builder,
             scripts: Scripts::new(),
             known_queues: Mutex::new(HashSet::new()),
         })
@@ -786,6 +800,43 @@ impl Store for RedisStore {
             )
             .await
             .map_err(|err| StoreError::backend("report host", err))
+    }
+
+    async fn watch_submissions(
+        &self,
+        queues: &[String],
+        wake: WakeFn,
+    ) -> Result<SubmissionWatch, StoreError> {
+        let backend = |err| StoreError::backend("watch submissions", err);
+        let subscriber = self.builder.build_subscriber_client().map_err(backend)?;
+        subscriber.init().await.map_err(backend)?;
+        // Subscribes again after every reconnection.
+        let resubscriber = subscriber.manage_subscriptions();
+        let channels: Vec<String> = queues.iter().map(|q| keys::wake_channel(q)).collect();
+        subscriber.subscribe(channels).await.map_err(backend)?;
+        let mut messages = subscriber.message_rx();
+        let (watch, mut stopped) = SubmissionWatch::new();
+        tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    message = messages.recv() => message,
+                    _ = &mut stopped => break,
+                };
+                match message {
+                    Ok(message) => {
+                        if let Some(queue) = message.channel.strip_prefix(keys::WAKE_PREFIX) {
+                            wake(queue);
+                        }
+                    }
+                    // Fell behind: some wake-ups were lost; polling covers them.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+            resubscriber.abort();
+            let _ = subscriber.quit().await;
+        });
+        Ok(watch)
     }
 
     async fn forget_host(&self, host: &str) -> Result<(), StoreError> {

@@ -36,6 +36,8 @@ end
 
 if run_at <= now then
   redis.call('ZADD', KEYS[2], ready_score(tonumber(ARGV[7]), priority, run_at), ARGV[1])
+  -- Wake idle hosts of the queue (see watch_submissions); nobody listening costs nothing.
+  redis.call('PUBLISH', 'rebound:wake:' .. ARGV[2], ARGV[1])
 else
   redis.call('ZADD', KEYS[3], run_at, ARGV[1])
 end
