@@ -23,8 +23,9 @@
 //! requirement) starts only if the host's [`GpuGate`] admits it, and holds the reservation
 //! until its attempt ends. A task the gate refuses is handed back uncharged, claimable again
 //! one gate interval later, so it waits without spending attempts and without standing in
-//! front of the queue's other tasks; the worker then pauses until the gate's next reading or
-//! a released reservation (at most one interval) before it claims again.
+//! front of the queue's other tasks, whatever their priority: the worker claims again at
+//! once, and the held-back tasks are out of the way until their interval is over. Each held
+//! task thus costs one claim and one hand-back per gate interval.
 //!
 //! Shutdown: the worker stops claiming and tells running attempts (their `cancelled()` turns
 //! true), lets them finish within `shutdown_grace`, then interrupts the rest. Interrupted
@@ -277,7 +278,6 @@ impl QueueWorker {
         let queue = self.plugin.name();
         let mut claim_errors = 0u32;
         let mut held: HashMap<String, Held> = HashMap::new();
-        let mut gate_changed = self.gate.changed();
         while !*stop.borrow() {
             // Wait for a free slot first, so nothing is claimed that cannot start at once.
             let first = tokio::select! {
@@ -326,14 +326,10 @@ impl QueueWorker {
             self.forget_stale_holds(&mut held);
 
             if refused > 0 {
-                // Wait for the gate to change (a reading, a released reservation) rather
-                // than claiming the same held-back tasks again at once.
-                gate_changed.mark_unchanged();
-                tokio::select! {
-                    _ = gate_changed.changed() => {}
-                    _ = tokio::time::sleep(self.gate.interval()) => {}
-                    _ = stop.changed() => break,
-                }
+                // The held-back tasks are out of the ready set for a gate interval: claim
+                // again at once, so the tasks behind them (of lower priority too) get the
+                // slots they left, rather than waiting behind tasks that cannot start.
+                continue;
             } else if idle {
                 tokio::select! {
                     _ = tokio::time::sleep(self.config.poll_interval) => {}

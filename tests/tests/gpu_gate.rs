@@ -172,12 +172,16 @@ async fn without_a_gpu_gpu_tasks_wait_and_the_rest_run(backend: Backend) {
     let (_probe, gate) = ScriptedProbe::gate(Vec::new(), GATE_INTERVAL);
     let host = host(&ts, &["sleepy", "echo"], gate, &[]);
 
-    let gated = ts
-        .store
-        .create(sleeper("needs-gpu", 10, Some(needs(Some(1.0), None))))
-        .await
-        .unwrap();
-    // Tasks behind it in the same queue, and in another queue, run regardless.
+    // More held tasks than the host has slots, all of higher priority than the others.
+    let mut gated = Vec::new();
+    for n in 0..20 {
+        let task = NewTask {
+            priority: 5,
+            ..sleeper(&format!("needs-gpu-{n}"), 10, Some(needs(Some(1.0), None)))
+        };
+        gated.push(ts.store.create(task).await.unwrap());
+    }
+    // Tasks behind them in the same queue, and in another queue, run regardless.
     let mut others = Vec::new();
     for n in 0..5 {
         others.push(
@@ -198,19 +202,21 @@ async fn without_a_gpu_gpu_tasks_wait_and_the_rest_run(backend: Backend) {
     }
 
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let task = ts.store.get(&gated.id).await.unwrap().unwrap();
-    assert_eq!(task.state, TaskState::Pending, "{task:#?}");
-    assert_eq!(
-        task.attempt, 0,
-        "5 s at a closed gate cost nothing: {task:#?}"
-    );
-    assert_eq!(task.errors, Vec::<String>::new());
+    for held in &gated {
+        let task = ts.store.get(&held.id).await.unwrap().unwrap();
+        assert_eq!(task.state, TaskState::Pending, "{task:#?}");
+        assert_eq!(
+            task.attempt, 0,
+            "5 s at a closed gate cost nothing: {task:#?}"
+        );
+        assert_eq!(task.errors, Vec::<String>::new());
+    }
 
     // The host tells `rebound stats` why the task waits.
     let hosts = ts.store.hosts().await.unwrap();
     assert_eq!(hosts.len(), 1, "{hosts:#?}");
     assert!(hosts[0].gate.gpus.is_empty());
-    assert_eq!(hosts[0].held_at_gate.get("sleepy"), Some(&1), "{hosts:#?}");
+    assert_eq!(hosts[0].held_at_gate.get("sleepy"), Some(&20), "{hosts:#?}");
     host.shutdown().await;
 }
 

@@ -40,8 +40,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Mutex;
 
 use super::{
-    AttemptRef, FailedAttempt, HostReport, NextStep, Requeued, Store, StoreError,
-    SubmissionWatch, TaskPage, WakeFn, now_ms,
+    AttemptRef, FailedAttempt, HostReport, NextStep, Requeued, Store, StoreError, SubmissionWatch,
+    TaskPage, WakeFn, now_ms,
 };
 use crate::task::{ERROR_HISTORY_LEN, Lease, NewTask, StateCounts, Task, TaskState};
 
@@ -331,24 +331,25 @@ fn begin(conn: &mut Connection) -> rusqlite::Result<Transaction<'_>> {
 impl Store for EmbeddedStore {
     async fn create(&self, new: NewTask) -> Result<Task, StoreError> {
         new.validate().map_err(StoreError::Invalid)?;
-        let task = self.run("create", move |conn| {
-            let tx = begin(conn)?;
-            let id = new
-                .id
-                .clone()
-                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-            let task = Task::submitted(id, new, now_ms());
-            ensure_unique_id(&tx, &task.id)?;
-            insert_task(&tx, &task)?;
-            tx.execute(
-                "INSERT OR IGNORE INTO queues (name) VALUES (?1)",
-                [&task.queue],
-            )?;
-            move_count(&tx, &task.queue, None, TaskState::Pending)?;
-            tx.commit()?;
-            Ok(task)
-        })
-        .await?;
+        let task = self
+            .run("create", move |conn| {
+                let tx = begin(conn)?;
+                let id = new
+                    .id
+                    .clone()
+                    .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+                let task = Task::submitted(id, new, now_ms());
+                ensure_unique_id(&tx, &task.id)?;
+                insert_task(&tx, &task)?;
+                tx.execute(
+                    "INSERT OR IGNORE INTO queues (name) VALUES (?1)",
+                    [&task.queue],
+                )?;
+                move_count(&tx, &task.queue, None, TaskState::Pending)?;
+                tx.commit()?;
+                Ok(task)
+            })
+            .await?;
         if task.run_at_ms <= task.created_ms {
             // No receiver is not an error: no host of this process is watching.
             let _ = self.submitted.send(task.queue.clone());

@@ -20,8 +20,8 @@ use fred::prelude::*;
 use fred::types::scripts::Script;
 
 use super::{
-    AttemptRef, FailedAttempt, HostReport, NextStep, Requeued, Store, StoreError,
-    SubmissionWatch, TaskPage, WakeFn, now_ms,
+    AttemptRef, FailedAttempt, HostReport, NextStep, Requeued, Store, StoreError, SubmissionWatch,
+    TaskPage, WakeFn, now_ms,
 };
 use crate::backoff::RetryPolicy;
 use crate::gpu::GpuRequirement;
