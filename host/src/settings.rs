@@ -27,9 +27,19 @@ use crate::backoff::{RetryPolicy, Strategy};
 use crate::config::HostConfig;
 use crate::gpu::{GpuRequirement, ProbeKind};
 use crate::runtime::SandboxLimits;
+use crate::store::redis::mask_url_password;
 
 /// The file read when no `--config` is given, if it exists in the working directory.
 pub const DEFAULT_FILE: &str = "rebound.toml";
+
+/// The most attempts one queue may run at once.
+pub const MAX_CONCURRENCY: u64 = 10_000;
+/// The most tasks one claim may take.
+pub const MAX_BATCH: u64 = 1_000;
+/// The largest memory cap of an instance, in MiB (1 TiB).
+pub const MAX_MEMORY_MB: u64 = 1 << 20;
+const HOUR_MS: u64 = 3_600_000;
+const DAY_MS: u64 = 24 * HOUR_MS;
 
 /// Every setting, as the file spells it. See the module docs for the layers.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -213,6 +223,27 @@ pub struct PluginSettings {
     /// Highest GPU utilization, in percent, at which its tasks start.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_gpu_utilization: Option<f64>,
+    /// The replaced framework's name for `max_gpu_utilization` (it meant "at most").
+    #[serde(skip_serializing)]
+    pub min_gpu_utilization: Option<f64>,
+}
+
+impl PluginSettings {
+    /// The requirement these settings give, `None` when they give none.
+    pub fn requirement(&self) -> Result<Option<GpuRequirement>, String> {
+        let utilization = match (self.max_gpu_utilization, self.min_gpu_utilization) {
+            (Some(_), Some(_)) => {
+                return Err("sets both max_gpu_utilization and its deprecated alias \
+                            min_gpu_utilization; keep max_gpu_utilization"
+                    .to_owned());
+            }
+            (max, old) => max.or(old),
+        };
+        if self.min_gpu_memory_gb.is_none() && utilization.is_none() {
+            return Ok(None);
+        }
+        GpuRequirement::from_settings(self.min_gpu_memory_gb, utilization).map(Some)
+    }
 }
 
 /// The old framework's `storage`: a Redis server by parts.
@@ -237,8 +268,8 @@ pub struct LegacyTask {
     batch_size: Option<usize>,
     max_retry_count: Option<u32>,
     backoff_strategy: Option<Strategy>,
-    /// Seconds.
-    backoff_interval: Option<u64>,
+    /// Seconds (fractions allowed).
+    backoff_interval: Option<f64>,
     backoff_multiplier: Option<f64>,
     min_gpu_memory_gb: Option<f64>,
     min_gpu_utilization: Option<f64>,
@@ -250,16 +281,16 @@ pub struct LegacyTask {
 pub struct LegacyThreadPool {
     concurrency: Option<usize>,
     proc_mode: Option<String>,
-    /// Seconds.
-    exec_timeout: Option<u64>,
+    /// Seconds (fractions allowed).
+    exec_timeout: Option<f64>,
 }
 
 /// The old framework's `scheduler`.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LegacyScheduler {
-    /// Seconds.
-    interval: Option<u64>,
+    /// Seconds (fractions allowed).
+    interval: Option<f64>,
 }
 
 impl Default for HostSettings {
@@ -401,6 +432,26 @@ impl Loaded {
             figment,
         };
         loaded.apply_legacy(&mut settings)?;
+        // Both stores named: the one set by the higher layer wins, so `--data` on the
+        // command line is obeyed even when the file names a Redis server.
+        if settings.store.data.is_some()
+            && settings.store.redis_url.is_some()
+            && loaded.rank("store.data") > loaded.rank("store.redis_url")
+        {
+            loaded.warnings.push(format!(
+                "store.data (from {}) is over store.redis_url (from {}): using the embedded store",
+                loaded.source_of("store.data"),
+                loaded.source_of("store.redis_url")
+            ));
+            settings.store.redis_url = None;
+        }
+        if settings.http.token.is_some() && settings.http.listen.is_none() {
+            loaded.warnings.push(
+                "http.token is set but http.listen is not: the HTTP API is off (set http.listen \
+                 or --http ADDR to serve it)"
+                    .to_owned(),
+            );
+        }
         loaded.settings = settings;
         loaded.validate()?;
         Ok(loaded)
@@ -412,6 +463,18 @@ impl Loaded {
         match self.figment.find_metadata(key) {
             Some(meta) => layer_name(meta, &path),
             None => "defaults".to_owned(),
+        }
+    }
+
+    /// The layer `key` came from: 0 defaults (or unset), 1 the file, 2 the environment,
+    /// 3 the command line.
+    fn rank(&self, key: &str) -> u8 {
+        match self.figment.find_metadata(key) {
+            None => 0,
+            Some(meta) if meta.name == "defaults" => 0,
+            Some(meta) if meta.name == "command-line flags" => 3,
+            Some(meta) if meta.name.contains("environment") => 2,
+            Some(_) => 1,
         }
     }
 
@@ -458,7 +521,10 @@ impl Loaded {
             if let Some(host) = storage.host
                 && moved("storage.host", "store.redis_url", &mut warnings)
             {
-                let auth = match (storage.username, storage.password) {
+                // Percent-encoded, so a password with `@`, `:` or `/` survives the URL.
+                let user = storage.username.as_deref().map(urlencoding::encode);
+                let password = storage.password.as_deref().map(urlencoding::encode);
+                let auth = match (user, password) {
                     (Some(user), Some(password)) => format!("{user}:{password}@"),
                     (None, Some(password)) => format!(":{password}@"),
                     (Some(user), None) => format!("{user}@"),
@@ -502,7 +568,8 @@ impl Loaded {
                     &mut warnings,
                 )
             {
-                settings.retry.backoff_interval_ms = v.saturating_mul(1000);
+                settings.retry.backoff_interval_ms =
+                    self.seconds_as_ms("task.backoff_interval", v)?;
             }
             if let Some(v) = task.backoff_multiplier
                 && moved(
@@ -513,11 +580,16 @@ impl Loaded {
             {
                 settings.retry.backoff_multiplier = v;
             }
-            if task.min_gpu_memory_gb.is_some_and(|gb| gb > 0.0)
-                || task.min_gpu_utilization.is_some_and(|u| u > 0.0)
-            {
+            let gpu_key = if task.min_gpu_memory_gb.is_some_and(|gb| gb > 0.0) {
+                Some("task.min_gpu_memory_gb")
+            } else if task.min_gpu_utilization.is_some_and(|u| u > 0.0) {
+                Some("task.min_gpu_utilization")
+            } else {
+                None
+            };
+            if let Some(key) = gpu_key {
                 return Err(self.bad(
-                    "task.min_gpu_memory_gb",
+                    key,
                     "GPU needs are per plugin in Rebound: set min_gpu_memory_gb and \
                      max_gpu_utilization under [plugins.NAME] or in the plugin's NAME.toml",
                 ));
@@ -536,7 +608,8 @@ impl Loaded {
                     &mut warnings,
                 )
             {
-                settings.limits.exec_timeout_ms = v.saturating_mul(1000);
+                settings.limits.exec_timeout_ms =
+                    self.seconds_as_ms("threadpool.exec_timeout", v)?;
             }
             if pool.proc_mode.is_some() {
                 warnings.push(
@@ -549,26 +622,59 @@ impl Loaded {
             && let Some(v) = scheduler.interval
             && moved("scheduler.interval", "host.poll_interval_ms", &mut warnings)
         {
-            settings.host.poll_interval_ms = v.saturating_mul(1000);
+            settings.host.poll_interval_ms = self.seconds_as_ms("scheduler.interval", v)?;
         }
         self.warnings.extend(warnings);
         Ok(())
     }
 
+    /// A legacy setting in seconds (the old framework's unit) as whole milliseconds.
+    fn seconds_as_ms(&self, key: &str, seconds: f64) -> anyhow::Result<u64> {
+        // Ten years in seconds: more is a mistake, not a setting.
+        if !(0.0..=315_360_000.0).contains(&seconds) {
+            return Err(self.bad(key, format!("{seconds} is not a number of seconds from 0")));
+        }
+        Ok((seconds * 1000.0).round() as u64)
+    }
+
     /// Refuses values no command can run with, naming the key and its layer.
     fn validate(&self) -> anyhow::Result<()> {
         let s = &self.settings;
-        if s.host.concurrency == 0 {
-            return Err(self.bad("host.concurrency", "must be at least 1"));
-        }
-        if s.host.batch_size == 0 {
-            return Err(self.bad("host.batch_size", "must be at least 1"));
-        }
-        if s.host.lease_ms < 100 {
-            return Err(self.bad("host.lease_ms", "must be at least 100"));
-        }
-        if s.limits.exec_timeout_ms == 0 {
-            return Err(self.bad("limits.exec_timeout_ms", "must be more than zero"));
+        let ranges: [(&str, u64, u64, u64); 9] = [
+            (
+                "host.concurrency",
+                s.host.concurrency as u64,
+                1,
+                MAX_CONCURRENCY,
+            ),
+            ("host.batch_size", s.host.batch_size as u64, 1, MAX_BATCH),
+            ("host.poll_interval_ms", s.host.poll_interval_ms, 1, HOUR_MS),
+            (
+                "host.shutdown_grace_ms",
+                s.host.shutdown_grace_ms,
+                0,
+                DAY_MS,
+            ),
+            ("host.lease_ms", s.host.lease_ms, 100, DAY_MS),
+            (
+                "limits.exec_timeout_ms",
+                s.limits.exec_timeout_ms,
+                1,
+                7 * DAY_MS,
+            ),
+            ("limits.memory_mb", s.limits.memory_mb, 1, MAX_MEMORY_MB),
+            ("gpu.interval_ms", s.gpu.interval_ms, 10, HOUR_MS),
+            (
+                "host.retention_s",
+                s.host.retention_s,
+                0,
+                10 * 366 * 24 * 3600,
+            ),
+        ];
+        for (key, value, min, max) in ranges {
+            if !(min..=max).contains(&value) {
+                return Err(self.bad(key, format!("{value} is out of range: {min} to {max}")));
+            }
         }
         if s.limits.fuel == Some(0) {
             return Err(self.bad(
@@ -576,25 +682,46 @@ impl Loaded {
                 "must be more than zero (leave it out for no budget)",
             ));
         }
-        if s.limits.memory_mb == 0 {
-            return Err(self.bad("limits.memory_mb", "must be at least 1"));
-        }
-        if s.gpu.interval_ms < 10 {
-            return Err(self.bad("gpu.interval_ms", "must be at least 10"));
-        }
         if let Err(err) = s.retry.validate() {
             return Err(self.bad("retry", err));
         }
-        if let Err(err) = EnvFilterCheck::check(&s.log.level) {
+        if let Err(err) = check_log_level(&s.log.level) {
             return Err(self.bad("log.level", err));
+        }
+        if s.http
+            .token
+            .as_deref()
+            .is_some_and(|token| token.trim().is_empty())
+        {
+            return Err(self.bad("http.token", "is empty; leave it out for no token"));
+        }
+        if let Some(url) = &s.store.redis_url {
+            let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+            if !matches!(
+                scheme,
+                Some(
+                    "redis"
+                        | "rediss"
+                        | "redis-cluster"
+                        | "rediss-cluster"
+                        | "redis-sentinel"
+                        | "rediss-sentinel"
+                )
+            ) {
+                return Err(self.bad(
+                    "store.redis_url",
+                    format!(
+                        "`{}` is not a Redis URL (redis://, rediss://, redis-cluster://, redis-sentinel://)",
+                        mask_url_password(url)
+                    ),
+                ));
+            }
         }
         for (name, plugin) in &s.plugins {
             if let Err(err) = crate::task::validate_queue_name(name) {
                 return Err(self.bad(&format!("plugins.{name}"), err));
             }
-            if let Err(err) =
-                GpuRequirement::from_settings(plugin.min_gpu_memory_gb, plugin.max_gpu_utilization)
-            {
+            if let Err(err) = plugin.requirement() {
                 return Err(self.bad(&format!("plugins.{name}"), err));
             }
         }
@@ -626,11 +753,12 @@ impl Loaded {
 
     /// The GPU requirement `[plugins.NAME]` sets for plugin `name`, if any.
     pub fn plugin_gpu(&self, name: &str) -> Option<GpuRequirement> {
-        let plugin = self.settings.plugins.get(name)?;
-        if plugin.min_gpu_memory_gb.is_none() && plugin.max_gpu_utilization.is_none() {
-            return None;
-        }
-        GpuRequirement::from_settings(plugin.min_gpu_memory_gb, plugin.max_gpu_utilization).ok()
+        self.settings
+            .plugins
+            .get(name)?
+            .requirement()
+            .ok()
+            .flatten()
     }
 
     /// The effective settings as TOML, with secrets (passwords in URLs, the HTTP token)
@@ -647,29 +775,26 @@ impl Loaded {
     }
 }
 
-/// Checks a tracing filter without installing it.
-struct EnvFilterCheck;
-
-impl EnvFilterCheck {
-    fn check(filter: &str) -> Result<(), String> {
-        tracing_subscriber::EnvFilter::try_new(filter)
-            .map(|_| ())
-            .map_err(|err| format!("`{filter}` is not a log filter: {err}"))
+/// Checks a log filter: comma-separated directives, each a level (`info`) or
+/// `target=level`. A bare word that is not a level is refused: the tracing syntax would take
+/// it for a target and log nothing else.
+fn check_log_level(filter: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = match directive.rsplit_once('=') {
+            Some((_, level)) => level,
+            None => directive,
+        };
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "`{directive}` is not a log level: use trace, debug, info, warn, error or off, \
+                 optionally as target=level"
+            ));
+        }
     }
-}
-
-/// `redis://user:secret@host` as `redis://user:********@host`.
-pub fn mask_url_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let Some((userinfo, host)) = rest.rsplit_once('@') else {
-        return url.to_owned();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:********@{host}"),
-        None => url.to_owned(),
-    }
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .map(|_| ())
+        .map_err(|err| format!("`{filter}` is not a log filter: {err}"))
 }
 
 /// Every figment error, one a line, each with its key and layer.
@@ -695,10 +820,15 @@ fn describe_errors(errors: figment::Error) -> anyhow::Error {
 /// A layer in words: the file's path, or the environment variable that set `path`.
 fn layer_name(meta: &Metadata, path: &[String]) -> String {
     if meta.name.contains("environment") && !path.is_empty() {
-        return format!(
-            "environment variable REBOUND_{}",
-            path.join("__").to_uppercase()
-        );
+        let key = path.join(".");
+        // The short name, when that is the variable that is set.
+        let short = ENV_SHORT_NAMES
+            .iter()
+            .filter(|(_, full)| *full == key)
+            .map(|(short, _)| format!("REBOUND_{}", short.to_uppercase()))
+            .find(|name| std::env::var_os(name).is_some());
+        let name = short.unwrap_or_else(|| format!("REBOUND_{}", path.join("__").to_uppercase()));
+        return format!("environment variable {name}");
     }
     match &meta.source {
         Some(source) => format!("{} {source}", meta.name),

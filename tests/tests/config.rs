@@ -105,7 +105,7 @@ fn short_environment_names_and_an_explicit_file() {
 fn errors_name_the_key_and_its_source() {
     /// A config file, an environment variable, flags, and what the error must say.
     type Case<'a> = (&'a str, Option<(&'a str, &'a str)>, Value, &'a [&'a str]);
-    let cases: [Case<'_>; 7] = [
+    let cases: [Case<'_>; 12] = [
         (
             "[host]\nconcurency = 4\n",
             None,
@@ -152,13 +152,67 @@ fn errors_name_the_key_and_its_source() {
             "[host]\nlease_ms = 5\n",
             None,
             json!({}),
-            &["`host.lease_ms`", "TOML file rebound.toml", "at least 100"],
+            &[
+                "`host.lease_ms`",
+                "TOML file rebound.toml",
+                "out of range: 100 to",
+            ],
         ),
         (
             "",
             None,
             json!({"gpu": {"interval_ms": 1}}),
-            &["`gpu.interval_ms`", "command-line flags", "at least 10"],
+            &[
+                "`gpu.interval_ms`",
+                "command-line flags",
+                "out of range: 10 to",
+            ],
+        ),
+        (
+            "",
+            None,
+            json!({"host": {"concurrency": 1_000_000}}),
+            &[
+                "`host.concurrency`",
+                "command-line flags",
+                "out of range: 1 to 10000",
+            ],
+        ),
+        (
+            "[log]\nlevel = \"verbose\"\n",
+            None,
+            json!({}),
+            &[
+                "`log.level`",
+                "TOML file rebound.toml",
+                "`verbose` is not a log level",
+            ],
+        ),
+        (
+            "",
+            Some(("REBOUND_HTTP_TOKEN", " ")),
+            json!({}),
+            &[
+                "`http.token`",
+                "environment variable REBOUND_HTTP_TOKEN",
+                "empty",
+            ],
+        ),
+        (
+            "",
+            Some(("REBOUND_REDIS_URL", "localhost:6379")),
+            json!({}),
+            &[
+                "`store.redis_url`",
+                "environment variable REBOUND_REDIS_URL",
+                "not a Redis URL",
+            ],
+        ),
+        (
+            "[scheduler]\ninterval = -1\n",
+            None,
+            json!({}),
+            &["`scheduler.interval`", "TOML file rebound.toml", "seconds"],
         ),
     ];
     for (file, env, flags, expected) in cases {
@@ -195,14 +249,14 @@ type = "redis"
 host = "redis.internal"
 port = 6390
 database = 3
-password = "pw"
+password = "p@ss:w/rd"
 
 [task]
 biz_prefix = "reports"
 batch_size = 50
 max_retry_count = 5
 backoff_strategy = "linear"
-backoff_interval = 10
+backoff_interval = 0.5
 backoff_multiplier = 1.5
 
 [threadpool]
@@ -222,12 +276,12 @@ concurrency = 20
         let s = &loaded.settings;
         assert_eq!(
             s.store.redis_url.as_deref(),
-            Some("redis://:pw@redis.internal:6390/3")
+            Some("redis://:p%40ss%3Aw%2Frd@redis.internal:6390/3")
         );
         assert_eq!(s.host.batch_size, 50);
         assert_eq!(s.retry.max_retry_count, 5);
         assert_eq!(s.retry.backoff, Strategy::Linear);
-        assert_eq!(s.retry.backoff_interval_ms, 10_000);
+        assert_eq!(s.retry.backoff_interval_ms, 500);
         assert_eq!(s.retry.backoff_multiplier, 1.5);
         assert_eq!(s.limits.exec_timeout_ms, 300_000);
         assert_eq!(s.host.poll_interval_ms, 2_000);
@@ -286,6 +340,46 @@ fn per_plugin_gpu_needs_come_from_the_config() {
             err.contains("`plugins.embed`") && err.contains("max_gpu_utilization"),
             "{err}"
         );
+        Ok(())
+    });
+}
+
+#[test]
+fn a_store_flag_beats_a_store_from_a_lower_layer() {
+    jailed(|jail| {
+        jail.create_file(
+            "rebound.toml",
+            "[store]\nredis_url = \"redis://:hunter2@redis.internal:6379\"\n",
+        )
+        .map_err(|e| e.to_string())?;
+        let from_file = load(json!({}))?;
+        assert!(from_file.settings.store.redis_url.is_some());
+        assert!(
+            !from_file.to_masked_toml().contains("hunter2"),
+            "{}",
+            from_file.to_masked_toml()
+        );
+
+        // `--data` on the command line means the embedded store, whatever the file says.
+        let flags = load(json!({"store": {"data": "tasks.db"}}))?;
+        assert_eq!(flags.settings.store.redis_url, None);
+        let warnings = flags.warnings.join("\n");
+        assert!(warnings.contains("using the embedded store"), "{warnings}");
+
+        // Both at the same layer: Redis, as documented.
+        jail.create_file(
+            "rebound.toml",
+            "[store]\nredis_url = \"redis://localhost:6379\"\ndata = \"tasks.db\"\n",
+        )
+        .map_err(|e| e.to_string())?;
+        let same = load(json!({}))?;
+        assert!(same.settings.store.redis_url.is_some());
+
+        // A token without an address to serve on is a warning, not silence.
+        jail.set_env("REBOUND_HTTP_TOKEN", "s3cret");
+        let token = load(json!({}))?;
+        let warnings = token.warnings.join("\n");
+        assert!(warnings.contains("the HTTP API is off"), "{warnings}");
         Ok(())
     });
 }

@@ -134,6 +134,57 @@ pub struct RedisStore {
     known_queues: Mutex<HashSet<String>>,
 }
 
+/// The Redis URL `url` with every password in it replaced by `********`: the one in the
+/// authority (`redis://user:secret@host`), those of cluster nodes (`?node=user:secret@host`)
+/// and any query parameter whose name contains "password" (`?sentinelPassword=secret`).
+/// Used wherever a URL is printed or logged.
+pub fn mask_url_password(url: &str) -> String {
+    const MASK: &str = "********";
+    fn mask_userinfo(authority: &str) -> String {
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:{MASK}@{host}"),
+                None => authority.to_owned(),
+            },
+            None => authority.to_owned(),
+        }
+    }
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (before_query, query) = match rest.split_once('?') {
+        Some((before, query)) => (before, Some(query)),
+        None => (rest, None),
+    };
+    // The authority ends at the first `/` after its last `@` (a path, the database number).
+    let authority_end = match before_query.rfind('@') {
+        Some(at) => before_query[at..]
+            .find('/')
+            .map_or(before_query.len(), |i| at + i),
+        None => before_query.find('/').unwrap_or(before_query.len()),
+    };
+    let mut masked = format!(
+        "{scheme}://{}{}",
+        mask_userinfo(&before_query[..authority_end]),
+        &before_query[authority_end..]
+    );
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((name, _)) if name.to_ascii_lowercase().contains("password") => {
+                    format!("{name}={MASK}")
+                }
+                Some(("node", node)) => format!("node={}", mask_userinfo(node)),
+                _ => param.to_owned(),
+            })
+            .collect();
+        masked.push('?');
+        masked.push_str(&params.join("&"));
+    }
+    masked
+}
+
 impl RedisStore {
     /// Connects to the Redis server at `url`: `redis://[user:password@]host:port[/db]`,
     /// `rediss://…` for TLS (server certificates checked against the system's roots), or
@@ -148,13 +199,14 @@ impl RedisStore {
     /// certificate authorities in the PEM file `ca_file` instead of the system's roots.
     pub async fn connect_with_ca(url: &str, ca_file: Option<&Path>) -> Result<Self, StoreError> {
         let mut config = Config::from_url(url)
-            .with_context(|| format!("invalid Redis URL `{url}`"))
+            .with_context(|| format!("invalid Redis URL `{}`", mask_url_password(url)))
             .map_err(|err| StoreError::backend("connect", err))?;
         if let Some(ca_file) = ca_file {
             if config.tls.is_none() {
                 return Err(StoreError::Invalid(format!(
-                    "a CA file ({}) is only for TLS connections, and `{url}` is not a rediss:// URL",
-                    ca_file.display()
+                    "a CA file ({}) is only for TLS connections, and `{}` is not a rediss:// URL",
+                    ca_file.display(),
+                    mask_url_password(url)
                 )));
             }
             let tls = tls_with_ca(ca_file).map_err(|err| StoreError::backend("connect", err))?;
@@ -178,7 +230,7 @@ impl RedisStore {
         client
             .init()
             .await
-            .with_context(|| format!("cannot reach Redis at `{url}`"))
+            .with_context(|| format!("cannot reach Redis at `{}`", mask_url_password(url)))
             .map_err(|err| StoreError::backend("connect", err))?;
         Ok(RedisStore {
             client,
@@ -1025,4 +1077,37 @@ fn task_from_map(fields: &HashMap<String, String>) -> anyhow::Result<Task> {
         finished_ms: optional("finished")?,
         lease,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mask_url_password;
+
+    #[test]
+    fn masks_every_password_in_a_url() {
+        let cases = [
+            ("redis://localhost:6379/0", "redis://localhost:6379/0"),
+            (
+                "redis://:s3cret@localhost:6379",
+                "redis://:********@localhost:6379",
+            ),
+            (
+                "rediss://app:p@ss@w0rd@db:6380/2",
+                "rediss://app:********@db:6380/2",
+            ),
+            ("redis://app@localhost", "redis://app@localhost"),
+            (
+                "redis-cluster://u:a@h1:30001?node=u:b@h2:30002&node=h3:30003",
+                "redis-cluster://u:********@h1:30001?node=u:********@h2:30002&node=h3:30003",
+            ),
+            (
+                "redis-sentinel://h:26379/0?sentinelServiceName=m&sentinelPassword=x",
+                "redis-sentinel://h:26379/0?sentinelServiceName=m&sentinelPassword=********",
+            ),
+            ("not a url", "not a url"),
+        ];
+        for (url, masked) in cases {
+            assert_eq!(mask_url_password(url), masked, "{url}");
+        }
+    }
 }
