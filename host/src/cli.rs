@@ -279,8 +279,13 @@ struct SubmitArgs {
     /// Submit many tasks: a JSON-lines file (`-` for stdin), one task a line, each an object
     /// with the HTTP API's fields (`params`, `id`, `priority`, `delay_ms`, `retry`,
     /// `min_gpu_memory_gb`, `max_gpu_utilization`). Shows a progress bar on a terminal;
-    /// a bad line is reported with its number and the rest are still submitted.
-    #[arg(long, conflicts_with_all = ["params", "id", "delay", "delay_ms", "run_at"])]
+    /// a bad line is reported with its number and the rest are still submitted. The lines
+    /// carry every per-task setting, so the flags that set one are refused beside it.
+    #[arg(long, conflicts_with_all = [
+        "params", "id", "priority", "delay", "delay_ms", "run_at", "max_retries", "backoff",
+        "backoff_interval_ms", "backoff_multiplier", "backoff_max_ms", "jitter",
+        "min_gpu_memory_gb", "max_gpu_utilization", "min_gpu_utilization",
+    ])]
     file: Option<PathBuf>,
     /// The task's id; a UUIDv7 is generated when absent.
     #[arg(long)]
@@ -294,9 +299,10 @@ struct SubmitArgs {
     /// Wait this long before the task may run, e.g. `90s`, `5m`, `1h 30m`.
     #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "run_at")]
     delay: Option<Duration>,
-    /// Run the task at this time (RFC 3339, e.g. `2026-12-24T18:00:00Z`), as this machine's
-    /// clock reads it; a time in the past runs it at once.
-    #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+    /// Run the task at this time (RFC 3339, e.g. `2026-12-24T18:00:00Z` or
+    /// `2026-12-24T19:00:00+01:00`), as this machine's clock reads it; a time in the past
+    /// runs it at once.
+    #[arg(long, value_parser = parse_run_at)]
     run_at: Option<std::time::SystemTime>,
     /// Retry policy for this task; the host's policy applies when no flag is given.
     #[command(flatten)]
@@ -629,6 +635,7 @@ async fn run(store: SharedStore, loaded: &Loaded) -> anyhow::Result<()> {
             plugins: plugins.clone(),
             metrics,
             token: loaded.settings.http.token.clone(),
+            load_errors: errors.iter().map(|err| format!("{err:#}")).collect(),
         };
         let (local, server) = crate::http::serve(addr, api).await?;
         tracing::info!(address = %local, "serving the HTTP API, /metrics and /healthz");
@@ -815,23 +822,26 @@ async fn submit_file(
     file: &std::path::Path,
     json: bool,
 ) -> anyhow::Result<()> {
-    use std::io::BufRead;
+    use std::io::Read;
 
-    let text = if file == std::path::Path::new("-") {
-        let mut text = String::new();
-        for line in std::io::stdin().lock().lines() {
-            text.push_str(&line.context("cannot read stdin")?);
-            text.push('\n');
-        }
-        text
+    let bytes = if file == std::path::Path::new("-") {
+        let mut bytes = Vec::new();
+        std::io::stdin()
+            .lock()
+            .read_to_end(&mut bytes)
+            .context("cannot read stdin")?;
+        bytes
     } else {
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?
+        std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?
     };
-    let lines: Vec<(usize, &str)> = text
-        .lines()
+    // A byte-order mark (some Windows editors write one) is not part of the first line.
+    let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
+    // Lines are split as bytes so one that is not UTF-8 is reported alone.
+    let lines: Vec<(usize, Result<&str, std::str::Utf8Error>)> = bytes
+        .split(|&b| b == b'\n')
         .enumerate()
-        .map(|(n, line)| (n + 1, line.trim()))
-        .filter(|(_, line)| !line.is_empty())
+        .map(|(n, line)| (n + 1, std::str::from_utf8(line).map(str::trim)))
+        .filter(|(_, line)| line.as_ref().map_or(true, |line| !line.is_empty()))
         .collect();
 
     let bar = indicatif::ProgressBar::new(lines.len() as u64);
@@ -848,14 +858,17 @@ async fn submit_file(
     let mut ids = Vec::with_capacity(lines.len());
     let mut failures: Vec<String> = Vec::new();
     for (number, line) in lines {
-        let request: Result<crate::http::SubmitRequest, String> =
-            serde_json::from_str(line).map_err(|err| err.to_string());
-        let created = match request.and_then(|request| request.into_new_task(queue)) {
-            Ok(task) => store.create(task).await.map_err(|err| err.to_string()),
+        let task = line
+            .map_err(|err| format!("not UTF-8 text ({err})"))
+            .and_then(|line| serde_json::from_str(line).map_err(|err| err.to_string()))
+            .and_then(crate::http::SubmitRequest::from_json)
+            .and_then(|request| request.into_new_task(queue));
+        let created = match task {
+            Ok(task) => create_with_retries(store, task).await,
             Err(err) => Err(err),
         };
         match created {
-            Ok(task) => ids.push(task.id),
+            Ok(id) => ids.push(id),
             Err(err) => failures.push(format!("line {number}: {err}")),
         }
         bar.inc(1);
@@ -882,6 +895,71 @@ async fn submit_file(
         file.display(),
         ids.len()
     )
+}
+
+/// Creates `task`, trying again when the store fails (a Redis restart, a timeout), and
+/// returns its id. The id is chosen here when the line gives none, so a try whose reply was
+/// lost but whose task was created shows up as that id existing in this queue, which counts
+/// as created, not as a duplicate.
+async fn create_with_retries(
+    store: &dyn crate::store::Store,
+    mut task: NewTask,
+) -> Result<String, String> {
+    const TRIES: u32 = 5;
+    let id = task
+        .id
+        .get_or_insert_with(|| uuid::Uuid::now_v7().to_string())
+        .clone();
+    let mut delay = Duration::from_millis(200);
+    let mut tries = 1;
+    loop {
+        match store.create(task.clone()).await {
+            Ok(created) => return Ok(created.id),
+            Err(StoreError::DuplicateId { queue, .. }) if tries > 1 && queue == task.queue => {
+                return Ok(id);
+            }
+            Err(StoreError::Backend { .. }) if tries < TRIES => {
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                tries += 1;
+            }
+            Err(err) => return Err(err.to_string()),
+        }
+    }
+}
+
+/// An RFC 3339 time: UTC (`Z`, or no zone) or with a `+HH:MM` / `-HH:MM` offset.
+fn parse_run_at(text: &str) -> Result<std::time::SystemTime, String> {
+    let bad =
+        |why: String| format!("`{text}` is not an RFC 3339 time like 2026-12-24T18:00:00Z ({why})");
+    // An offset is the last six characters: a sign, two digits, a colon, two digits, after
+    // the time of day (so the date's own dashes are not taken for one).
+    let offset = text
+        .len()
+        .checked_sub(6)
+        .filter(|&at| at > 10 && text.is_char_boundary(at))
+        .and_then(|at| {
+            let (time, zone) = text.split_at(at);
+            let sign = match zone.as_bytes()[0] {
+                b'+' => 1i64,
+                b'-' => -1i64,
+                _ => return None,
+            };
+            let (hours, minutes) = zone[1..].split_once(':')?;
+            let hours: i64 = hours.parse().ok().filter(|h| (0..24).contains(h))?;
+            let minutes: i64 = minutes.parse().ok().filter(|m| (0..60).contains(m))?;
+            Some((time, sign * (hours * 3600 + minutes * 60)))
+        });
+    let (time, offset_s) = offset.unwrap_or((text, 0));
+    let utc_reading = humantime::parse_rfc3339_weak(time).map_err(|err| bad(err.to_string()))?;
+    // 10:00+01:00 is 09:00 UTC: subtract the offset.
+    let shift = Duration::from_secs(offset_s.unsigned_abs());
+    let at = if offset_s >= 0 {
+        utc_reading.checked_sub(shift)
+    } else {
+        utc_reading.checked_add(shift)
+    };
+    at.ok_or_else(|| bad("out of range".to_owned()))
 }
 
 /// The human-readable form of a task, one field a line.
@@ -1115,4 +1193,34 @@ async fn check_plugins(loaded: &Loaded, json: bool) -> anyhow::Result<()> {
         bail!("no plugins to check in {}", dir.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::parse_run_at;
+
+    #[test]
+    fn run_at_takes_utc_and_offsets() {
+        let noon = UNIX_EPOCH + Duration::from_secs(1_798_372_800); // 2026-12-27T12:00:00Z
+        for text in [
+            "2026-12-27T12:00:00Z",
+            "2026-12-27T12:00:00",
+            "2026-12-27T13:30:00+01:30",
+            "2026-12-27T07:00:00-05:00",
+            "2026-12-27T12:00:00+00:00",
+        ] {
+            assert_eq!(parse_run_at(text), Ok(noon), "{text}");
+        }
+        for text in [
+            "2026-12-27",
+            "2026-12-27T12:00:00+25:00",
+            "noon",
+            "2026-12-27T12:00:00+1",
+        ] {
+            let err = parse_run_at(text).unwrap_err();
+            assert!(err.contains(text), "{err}");
+        }
+    }
 }

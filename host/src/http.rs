@@ -41,6 +41,12 @@ pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
 /// The most tasks one listing page may hold.
 const MAX_PAGE: usize = 1000;
 
+/// The largest request body taken (axum's default for JSON bodies).
+const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+/// How long a request waits for the store before it fails with `store_unavailable`.
+const STORE_WAIT: Duration = Duration::from_secs(3);
+
 /// What the API serves from.
 pub struct Api {
     /// Where tasks live.
@@ -51,6 +57,9 @@ pub struct Api {
     pub metrics: PrometheusHandle,
     /// The bearer token `/v1` routes ask for; none when `None`.
     pub token: Option<String>,
+    /// Why plugin files in the plugin directory failed to load, one line each; `/readyz`
+    /// reports the host not ready while there are any.
+    pub load_errors: Vec<String>,
 }
 
 type Shared = Arc<Api>;
@@ -64,6 +73,7 @@ type Shared = Arc<Api>;
 /// | `unauthorized`      | 401    | a token is required and was missing or wrong      |
 /// | `not_found`         | 404    | no such task, or no such route                    |
 /// | `method_not_allowed`| 405    | the route exists, not with this method            |
+/// | `too_large`         | 413    | a request body over 2 MiB                         |
 /// | `duplicate_id`      | 409    | a task with the submitted id exists               |
 /// | `wrong_state`       | 409    | the task's state does not allow the request       |
 /// | `internal`          | 500    | a bug; the message says what                      |
@@ -120,7 +130,33 @@ impl From<StoreError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("request body: larger than {MAX_BODY_BYTES} bytes"),
+            );
+        }
         ApiError::invalid(format!("request body: {}", rejection.body_text()))
+    }
+}
+
+/// `store_call`, given [`STORE_WAIT`] to answer; past that the request fails with
+/// `store_unavailable` instead of hanging while the store reconnects.
+async fn within<T>(
+    store_call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(STORE_WAIT, store_call).await {
+        Ok(answer) => Ok(answer?),
+        Err(_) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            format!(
+                "the store did not answer within {} s; a submission may or may not have \
+                 been made (submit again with the same id to find out)",
+                STORE_WAIT.as_secs()
+            ),
+        )),
     }
 }
 
@@ -184,7 +220,11 @@ async fn require_token(
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "));
+        .and_then(|value| {
+            // The scheme's name is case-insensitive (RFC 9110 section 11.1).
+            let (scheme, token) = value.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
     match given {
         Some(token) if same_secret(token.as_bytes(), expected.as_bytes()) => {
             next.run(request).await
@@ -242,6 +282,19 @@ pub struct SubmitRequest {
 }
 
 impl SubmitRequest {
+    /// Reads a request from its JSON form, which must be an object (serde would also take
+    /// an array of the fields in order, which nobody means).
+    pub fn from_json(value: Value) -> Result<Self, String> {
+        if !value.is_object() {
+            return Err(format!(
+                "expected a JSON object with `params` and optional `id`, `priority`, \
+                 `delay_ms`, `retry`, `min_gpu_memory_gb`, `max_gpu_utilization`; got {}",
+                json_kind(&value)
+            ));
+        }
+        serde_json::from_value(value).map_err(|err| err.to_string())
+    }
+
     /// The task this asks for in `queue`; an error names what is wrong with the GPU
     /// requirement (the store checks the rest).
     pub fn into_new_task(self, queue: &str) -> Result<NewTask, String> {
@@ -279,29 +332,31 @@ impl SubmitRequest {
 async fn submit(
     State(api): State<Shared>,
     Path(queue): Path<String>,
-    body: Result<Json<SubmitRequest>, JsonRejection>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
+    let body = SubmitRequest::from_json(body)
+        .map_err(|err| ApiError::invalid(format!("request body: {err}")))?;
     let task = body.into_new_task(&queue).map_err(ApiError::invalid)?;
-    let task = api.store.create(task).await?;
+    let task = within(api.store.create(task)).await?;
     crate::metrics::task_created(&queue);
     Ok((StatusCode::CREATED, Json(task)).into_response())
 }
 
 async fn get_task(State(api): State<Shared>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    match api.store.get(&id).await? {
+    match within(api.store.get(&id)).await? {
         Some(task) => Ok(Json(task).into_response()),
         None => Err(StoreError::NotFound { id }.into()),
     }
 }
 
 async fn cancel(State(api): State<Shared>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let state = api.store.cancel(&id).await?;
+    let state = within(api.store.cancel(&id)).await?;
     Ok(Json(json!({ "id": id, "state": state })).into_response())
 }
 
 async fn retry(State(api): State<Shared>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let task = api.store.retry(&id).await?;
+    let task = within(api.store.retry(&id)).await?;
     Ok(Json(task).into_response())
 }
 
@@ -330,10 +385,11 @@ async fn list(
             "limit {limit} is out of range: 1 to {MAX_PAGE}"
         )));
     }
-    let page = api
-        .store
-        .list(&queue, state, limit, query.cursor.as_deref())
-        .await?;
+    let page = within(
+        api.store
+            .list(&queue, state, limit, query.cursor.as_deref()),
+    )
+    .await?;
     Ok(Json(json!({ "tasks": page.tasks, "next": page.next })).into_response())
 }
 
@@ -350,7 +406,7 @@ pub async fn stats_json(store: &dyn Store) -> Result<Value, StoreError> {
 }
 
 async fn stats(State(api): State<Shared>) -> Result<Response, ApiError> {
-    Ok(Json(stats_json(api.store.as_ref()).await?).into_response())
+    Ok(Json(within(stats_json(api.store.as_ref())).await?).into_response())
 }
 
 async fn plugins(State(api): State<Shared>) -> Json<Value> {
@@ -377,6 +433,7 @@ async fn readyz(State(api): State<Shared>) -> Response {
     if api.plugins.is_empty() {
         reasons.push("no plugin is loaded".to_owned());
     }
+    reasons.extend(api.load_errors.iter().cloned());
     if reasons.is_empty() {
         Json(json!({ "status": "ready" })).into_response()
     } else {
@@ -422,4 +479,16 @@ pub async fn serve(
         }
     };
     Ok((local, server))
+}
+
+/// What kind of JSON value this is, for error messages.
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
 }

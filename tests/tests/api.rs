@@ -32,6 +32,7 @@ fn api(store: SharedStore, token: Option<&str>) -> (Router, tempfile::TempDir) {
         plugins,
         metrics: PrometheusBuilder::new().build_recorder().handle(),
         token: token.map(str::to_owned),
+        load_errors: Vec::new(),
     };
     (router(api), dir)
 }
@@ -167,6 +168,9 @@ async fn submissions_the_store_refuses_name_what_is_wrong(backend: Backend) {
             json!({"min_gpu_utilization": 1, "max_gpu_utilization": 1}),
             "both",
         ),
+        // serde would read an array as the fields in order; nobody means that.
+        (json!([{"a": 1}, "id-from-array"]), "got an array"),
+        (json!("params"), "got a string"),
     ];
     for (body, named) in cases {
         let answer = submit(body.clone()).await;
@@ -192,6 +196,14 @@ async fn submissions_the_store_refuses_name_what_is_wrong(backend: Backend) {
         .unwrap();
     let response = app.clone().oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+
+    // A body over the limit is 413 with its own code.
+    let huge = json!({"params": "x".repeat(3 * 1024 * 1024)});
+    assert_error(
+        &submit(huge).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+    );
 
     // Nothing was created by the refused submissions.
     assert_eq!(ts.store.counts("echo").await.unwrap().pending, 1);
@@ -275,6 +287,14 @@ async fn token_health_metrics_and_unknown_routes(backend: Backend) {
     assert_error(&wrong, StatusCode::UNAUTHORIZED, "unauthorized");
     let (status, _) = call_with(&app, Method::GET, "/v1/stats", None, Some("s3cret")).await;
     assert_eq!(status, StatusCode::OK);
+    // The scheme's name is case-insensitive.
+    let request = Request::builder()
+        .uri("/v1/stats")
+        .header(header::AUTHORIZATION, "bearer s3cret")
+        .body(Body::empty())
+        .unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
 
     // Health, metrics and the API's description need no token.
     assert_eq!(
@@ -365,4 +385,30 @@ async fn an_unreachable_store_is_503_until_it_is_back() {
         assert!(std::time::Instant::now() < deadline, "{ready}");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+/// A plugin file that failed to load keeps the host from being ready, and `/readyz` says
+/// which and why.
+#[tokio::test]
+async fn a_plugin_that_failed_to_load_is_not_ready() {
+    let dir = plugin_dir(&["echo"]);
+    std::fs::write(dir.path().join("broken.wasm"), b"not a component").unwrap();
+    let runtime = Runtime::new(Default::default()).unwrap();
+    let (plugins, errors) =
+        PluginSet::load_dir(&runtime, dir.path(), &Default::default(), &BTreeMap::new()).unwrap();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let path = tempfile::tempdir().unwrap();
+    let store =
+        rebound::store::embedded::EmbeddedStore::open(&path.path().join("tasks.db")).unwrap();
+    let app = router(Api {
+        store: std::sync::Arc::new(store),
+        plugins,
+        metrics: PrometheusBuilder::new().build_recorder().handle(),
+        token: None,
+        load_errors: errors.iter().map(|err| format!("{err:#}")).collect(),
+    });
+    let (status, ready) = call(&app, Method::GET, "/readyz", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{ready}");
+    let reasons = ready["reasons"].to_string();
+    assert!(reasons.contains("broken.wasm"), "{reasons}");
 }

@@ -134,6 +134,16 @@ fn redis_over_tls_with_a_private_certificate_authority() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot reach Redis"), "{stderr}");
 
+    // A password never reaches the error message.
+    let port = rebound_tests::free_port().unwrap();
+    let secret = Rebound::new(
+        BIN,
+        &["--redis", &format!("redis://:hunter2@127.0.0.1:{port}")],
+    );
+    let stderr = String::from_utf8_lossy(&secret.output(&["stats"]).stderr).into_owned();
+    assert!(stderr.contains("cannot reach Redis"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+
     // A CA file with a plain redis:// URL is a mistake worth naming.
     let plain = RedisServer::start().unwrap();
     let confused = Rebound::new(
@@ -147,7 +157,7 @@ fn redis_over_tls_with_a_private_certificate_authority() {
 #[test]
 fn bad_input_is_refused_with_a_message_that_names_it() {
     let (data, rebound) = embedded();
-    let cases: [(&[&str], &str); 10] = [
+    let cases: [(&[&str], &str); 11] = [
         (
             &["submit", "echo", "--params", "{nope"],
             "params is not valid JSON",
@@ -165,7 +175,11 @@ fn bad_input_is_refused_with_a_message_that_names_it() {
         (&["run", "--plugins", "/no/such/dir"], "/no/such/dir"),
         (
             &["run", "--plugins", ".", "--memory-mb", "0"],
-            "invalid setting `limits.memory_mb` (from command-line flags): must be at least 1",
+            "invalid setting `limits.memory_mb` (from command-line flags): 0 is out of range",
+        ),
+        (
+            &["submit", "echo", "--run-at", "2026-12-24T18:00:00+25:00"],
+            "is not an RFC 3339 time",
         ),
         (
             &["list", "echo", "--state", "done"],
@@ -408,4 +422,45 @@ fn json_output_of_every_command_parses_back() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("1 line(s)"));
     assert_eq!(json(&["stats", "--json"])["queues"]["echo"]["pending"], 4);
+
+    // A byte-order mark is skipped; a line that is not UTF-8 or not an object is named alone.
+    let mut bytes = b"\xef\xbb\xbf{\"id\":\"bom-1\"}\n".to_vec();
+    bytes.extend_from_slice(b"{\"params\":\"caf\xe9\"}\n[{\"n\":1}]\n{\"id\":\"bom-4\"}\r\n");
+    std::fs::write(&lines, bytes).unwrap();
+    let out = rebound.output(&[
+        "submit",
+        "echo",
+        "--file",
+        lines.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(!out.status.success());
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        result["ids"],
+        serde_json::json!(["bom-1", "bom-4"]),
+        "{result}"
+    );
+    let failed = result["failed"].to_string();
+    assert!(failed.contains("line 2: not UTF-8"), "{failed}");
+    assert!(
+        failed.contains("line 3: expected a JSON object"),
+        "{failed}"
+    );
+
+    // Flags that set what the lines carry are refused beside --file.
+    let out = rebound.output(&[
+        "submit",
+        "echo",
+        "--file",
+        lines.to_str().unwrap(),
+        "--priority",
+        "5",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot be used with"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
