@@ -30,11 +30,11 @@ use tokio::sync::oneshot;
 /// Rebound's benchmarks.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Scenarios to run: throughput, pickup, retry, sandbox, memory.
+    /// Scenarios to run: throughput, pickup, retry, sandbox, memory, scale.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "throughput,pickup,retry,sandbox,memory"
+        default_value = "throughput,pickup,retry,sandbox,memory,scale"
     )]
     scenarios: Vec<String>,
     /// Task counts for the throughput scenario.
@@ -49,6 +49,39 @@ struct Args {
     /// Runs of each measurement.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Backlogs (pending tasks in Redis) for the scale scenario.
+    #[arg(long, value_delimiter = ',', default_value = "10000,1000000")]
+    backlog: Vec<usize>,
+    /// Also write every figure to this file as JSON (for scripts/bench.sh's ratios).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+/// Every figure printed, kept for `--json`.
+#[derive(Default)]
+struct Report {
+    rows: Vec<serde_json::Value>,
+}
+
+impl Report {
+    fn record(&mut self, scenario: &str, mut row: serde_json::Value) {
+        row["scenario"] = scenario.into();
+        self.rows.push(row);
+    }
+}
+
+/// Median, min and max, as JSON.
+fn stats(values: &[f64]) -> serde_json::Value {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.as_slice() {
+        [] => serde_json::Value::Null,
+        all => serde_json::json!({
+            "median": all[all.len() / 2],
+            "min": all[0],
+            "max": all[all.len() - 1],
+        }),
+    }
 }
 
 /// Median, min and max of some figures.
@@ -154,14 +187,17 @@ async fn wait_completed(store: &dyn Store, queue: &str, n: u64, limit: Duration)
     }
 }
 
-async fn throughput(args: &Args) -> anyhow::Result<()> {
+async fn throughput(args: &Args, report: &mut Report) -> anyhow::Result<()> {
     println!("\n## Throughput: N no-op (echo) tasks enqueued first, then one host started\n");
-    println!("| store | N | concurrency | enqueue s | start→last done s | tasks/s |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| store | N | concurrency | enqueue s | start→last done s | tasks/s | Redis commands per task |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for store_name in &args.stores {
         for &n in &args.n {
             for &concurrency in &args.concurrency {
-                let (mut enq, mut took, mut rate) = (Vec::new(), Vec::new(), Vec::new());
+                let (mut enq, mut took, mut rate, mut commands) =
+                    (Vec::new(), Vec::new(), Vec::new(), Vec::new());
                 for _ in 0..args.runs {
                     let ts = TestStore::new(backend(store_name)?).await?;
                     enq.push(
@@ -173,6 +209,11 @@ async fn throughput(args: &Args) -> anyhow::Result<()> {
                         concurrency,
                         ..HostConfig::default()
                     };
+                    let url = ts.redis.as_ref().map(|redis| redis.url());
+                    let commands_before = match &url {
+                        Some(url) => redis_info(url, "stats", "total_commands_processed")?,
+                        None => 0.0,
+                    };
                     let started = Instant::now();
                     let host = start_host(ts.store.clone(), &["echo"], config);
                     let done = wait_completed(
@@ -183,15 +224,34 @@ async fn throughput(args: &Args) -> anyhow::Result<()> {
                     )
                     .await;
                     let seconds = (done - started).as_secs_f64();
+                    // Counted until the last completion is seen; includes this process's
+                    // polling of the counts (one command every 5 ms).
+                    if let Some(url) = &url {
+                        let after = redis_info(url, "stats", "total_commands_processed")?;
+                        commands.push((after - commands_before) / n as f64);
+                    }
                     stop_host(host).await;
                     took.push(seconds);
                     rate.push(n as f64 / seconds);
                 }
+                report.record(
+                    "throughput",
+                    serde_json::json!({
+                        "store": store_name, "n": n, "concurrency": concurrency,
+                        "enqueue_s": stats(&enq), "start_to_done_s": stats(&took),
+                        "tasks_per_s": stats(&rate), "redis_commands_per_task": stats(&commands),
+                    }),
+                );
                 println!(
-                    "| {store_name} | {n} | {concurrency} | {} | {} | {} |",
+                    "| {store_name} | {n} | {concurrency} | {} | {} | {} | {} |",
                     summary(enq),
                     summary(took),
-                    summary(rate)
+                    summary(rate),
+                    if commands.is_empty() {
+                        "–".to_owned()
+                    } else {
+                        summary(commands)
+                    }
                 );
             }
         }
@@ -199,7 +259,7 @@ async fn throughput(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn pickup(args: &Args) -> anyhow::Result<()> {
+async fn pickup(args: &Args, report: &mut Report) -> anyhow::Result<()> {
     println!("\n## Pickup latency: one task at a time to an idle host (200 tasks a run)\n");
     println!("| store | submit→start p50 ms | p99 ms | submit→completed p50 ms | p99 ms |");
     println!("|---|---|---|---|---|");
@@ -224,6 +284,13 @@ async fn pickup(args: &Args) -> anyhow::Result<()> {
             figures[3].push(quantile(&mut done, 0.99));
         }
         let [a, b, c, d] = figures;
+        report.record(
+            "pickup",
+            serde_json::json!({
+                "store": store_name, "start_p50_ms": stats(&a), "start_p99_ms": stats(&b),
+                "done_p50_ms": stats(&c), "done_p99_ms": stats(&d),
+            }),
+        );
         println!(
             "| {store_name} | {} | {} | {} | {} |",
             summary(a),
@@ -250,7 +317,7 @@ async fn wait_final(store: &dyn Store, id: &str) -> anyhow::Result<Task> {
     }
 }
 
-async fn retry_timing(args: &Args) -> anyhow::Result<()> {
+async fn retry_timing(args: &Args, report: &mut Report) -> anyhow::Result<()> {
     println!("\n## Retry timing: 1000 flaky tasks, fixed 200 ms backoff, success at attempt 2\n");
     println!("| store | retry start − due p50 ms | p99 ms | max ms | all done s |");
     println!("|---|---|---|---|---|");
@@ -295,6 +362,13 @@ async fn retry_timing(args: &Args) -> anyhow::Result<()> {
             figures[3].push(all_done);
         }
         let [a, b, c, d] = figures;
+        report.record(
+            "retry",
+            serde_json::json!({
+                "store": store_name, "late_p50_ms": stats(&a), "late_p99_ms": stats(&b),
+                "late_max_ms": stats(&c), "all_done_s": stats(&d),
+            }),
+        );
         println!(
             "| {store_name} | {} | {} | {} | {} |",
             summary(a),
@@ -407,22 +481,115 @@ async fn memory(_args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Bytes the Redis server at `url` holds (`used_memory`).
+fn redis_used_memory(url: &str) -> anyhow::Result<f64> {
+    redis_info(url, "memory", "used_memory")
+}
+
+/// One numeric field of `INFO section` of the Redis server at `url`.
+fn redis_info(url: &str, section: &str, field: &str) -> anyhow::Result<f64> {
+    let port = url
+        .rsplit(':')
+        .next()
+        .and_then(|tail| tail.split('/').next())
+        .context("a port in the Redis URL")?;
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", port, "info", section])
+        .output()
+        .context("redis-cli")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let prefix = format!("{field}:");
+    text.lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .and_then(|value| value.trim().parse().ok())
+        .with_context(|| format!("{field} in INFO {section}"))
+}
+
+/// A backlog of pending tasks in Redis: what a task costs in Redis memory, how long `stats`
+/// takes, and whether claiming slows down when the backlog is large.
+async fn scale(args: &Args, report: &mut Report) -> anyhow::Result<()> {
+    const DRAINED: u64 = 10_000;
+    println!(
+        "\n## Scale: a backlog of pending echo tasks in Redis, then one host (concurrency 64)\n"
+    );
+    println!(
+        "| pending | enqueue tasks/s | Redis bytes per pending task | stats ms | first {DRAINED} done, tasks/s |"
+    );
+    println!("|---|---|---|---|---|");
+    for &backlog in &args.backlog {
+        let (mut enq, mut bytes, mut stats_ms, mut rate) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..args.runs {
+            let ts = TestStore::new(Backend::Redis).await?;
+            let url = ts.redis.as_ref().context("a Redis server")?.url();
+            let before = redis_used_memory(&url)?;
+            let took = enqueue(&ts.store, "echo", backlog, r#"{"x":1}"#).await;
+            enq.push(backlog as f64 / took.as_secs_f64());
+            bytes.push((redis_used_memory(&url)? - before) / backlog as f64);
+            let mut calls = Vec::new();
+            for _ in 0..5 {
+                let began = Instant::now();
+                rebound::http::stats_json(ts.store.as_ref()).await?;
+                calls.push(began.elapsed().as_secs_f64() * 1e3);
+            }
+            stats_ms.push(quantile(&mut calls, 0.5));
+            let config = HostConfig {
+                concurrency: 64,
+                ..HostConfig::default()
+            };
+            let started = Instant::now();
+            let host = start_host(ts.store.clone(), &["echo"], config);
+            let done = wait_completed(
+                ts.store.as_ref(),
+                "echo",
+                DRAINED.min(backlog as u64),
+                Duration::from_secs(600),
+            )
+            .await;
+            stop_host(host).await;
+            rate.push(DRAINED.min(backlog as u64) as f64 / (done - started).as_secs_f64());
+        }
+        report.record(
+            "scale",
+            serde_json::json!({
+                "pending": backlog, "enqueue_per_s": stats(&enq),
+                "redis_bytes_per_task": stats(&bytes), "stats_ms": stats(&stats_ms),
+                "drain_per_s": stats(&rate),
+            }),
+        );
+        println!(
+            "| {backlog} | {} | {} | {} | {} |",
+            summary(enq),
+            summary(bytes),
+            summary(stats_ms),
+            summary(rate)
+        );
+    }
+    Ok(())
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let mut report = Report::default();
     println!(
         "# Rebound benchmarks ({} run(s) each; median [min–max])",
         args.runs
     );
     for scenario in &args.scenarios {
         match scenario.as_str() {
-            "throughput" => throughput(&args).await?,
-            "pickup" => pickup(&args).await?,
-            "retry" => retry_timing(&args).await?,
+            "throughput" => throughput(&args, &mut report).await?,
+            "pickup" => pickup(&args, &mut report).await?,
+            "retry" => retry_timing(&args, &mut report).await?,
             "sandbox" => sandbox(&args).await?,
             "memory" => memory(&args).await?,
+            "scale" => scale(&args, &mut report).await?,
             other => bail!("unknown scenario `{other}`"),
         }
+    }
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report.rows)?;
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
 }
