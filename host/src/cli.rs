@@ -556,6 +556,18 @@ fn plugin_dir(loaded: &Loaded) -> anyhow::Result<PathBuf> {
     )
 }
 
+/// How many `.wasm` files `dir` holds (0 when it cannot be read; loading says why).
+fn count_plugin_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|entry| entry.path().extension().is_some_and(|ext| ext == "wasm"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// Loads (compiles) every plugin of the configured directory, off the async runtime.
 async fn load_plugins(
     loaded: &Loaded,
@@ -563,10 +575,14 @@ async fn load_plugins(
 ) -> anyhow::Result<(Arc<Runtime>, PathBuf, PluginSet, Vec<anyhow::Error>)> {
     let dir = plugin_dir(loaded)?;
     let cache = loaded.settings.cache.directory();
-    let runtime = Arc::new(Runtime::with_cache(
-        config.limits.clone(),
-        cache.as_deref(),
-    )?);
+    let mut limits = config.limits.clone();
+    if loaded.settings.limits.pooling {
+        // Every queue may run `concurrency` attempts at once, each in its own instance.
+        let plugins = count_plugin_files(&dir).max(1);
+        limits.pool =
+            Some(u32::try_from(config.concurrency.saturating_mul(plugins)).unwrap_or(u32::MAX));
+    }
+    let runtime = Arc::new(Runtime::with_cache(limits, cache.as_deref())?);
     match &cache {
         Some(dir) => tracing::debug!(cache = %dir.display(), "compiled plugins are cached"),
         None => tracing::debug!("compiled plugins are not cached"),

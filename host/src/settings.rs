@@ -128,6 +128,9 @@ pub struct LimitSettings {
     pub fuel: Option<u64>,
     /// Memory cap of one instance, in MiB.
     pub memory_mb: u64,
+    /// Reuse instance slots (memories, tables, stacks) from a pool sized concurrency ×
+    /// plugins, instead of mapping fresh memory for every attempt.
+    pub pooling: bool,
 }
 
 /// `[gpu]`.
@@ -316,6 +319,7 @@ impl Default for LimitSettings {
             exec_timeout_ms: millis(limits.exec_timeout),
             fuel: limits.fuel,
             memory_mb: (limits.memory_bytes / (1024 * 1024)) as u64,
+            pooling: true,
         }
     }
 }
@@ -737,6 +741,8 @@ impl Loaded {
                 fuel: s.limits.fuel,
                 memory_bytes: usize::try_from(s.limits.memory_mb.saturating_mul(1024 * 1024))
                     .unwrap_or(usize::MAX),
+                // Sized when the plugin directory is known (`limits.pooling`).
+                pool: None,
             },
             retry: s.retry.clone(),
             concurrency: s.host.concurrency,

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use rebound::config::HostConfig;
 use rebound::gpu::GpuGate;
-use rebound::runtime::{Plugin, PluginSet, Runtime};
+use rebound::runtime::{Plugin, PluginSet, Runtime, SandboxLimits};
 use rebound::scheduler::Scheduler;
 use rebound::store::embedded::EmbeddedStore;
 use rebound::store::redis::RedisStore;
@@ -566,12 +566,19 @@ impl TestStore {
     }
 }
 
-/// Settings for test hosts: quick polling and short backoffs.
+/// Settings for test hosts: quick polling and short backoffs, and instances from a pool,
+/// as `rebound run` has them by default.
 pub fn test_config() -> HostConfig {
+    let defaults = HostConfig::default();
     HostConfig {
         poll_interval: Duration::from_millis(10),
         shutdown_grace: Duration::from_secs(5),
-        ..HostConfig::default()
+        limits: SandboxLimits {
+            // Room for every test's plugins at the default concurrency.
+            pool: Some(defaults.concurrency as u32 * 8),
+            ..defaults.limits.clone()
+        },
+        ..defaults
     }
 }
 

@@ -46,6 +46,11 @@ pub struct SandboxLimits {
     pub fuel: Option<u64>,
     /// Bytes of linear memory one instance may have, all its memories together.
     pub memory_bytes: usize,
+    /// Instances the pooling allocator keeps slots for (memories, tables, stacks reserved
+    /// once and reused), or `None` to allocate every instance's memory on demand. An
+    /// instance beyond the pool fails to start, so size it for every attempt that can run
+    /// at once: concurrency × plugins.
+    pub pool: Option<u32>,
 }
 
 impl Default for SandboxLimits {
@@ -54,8 +59,51 @@ impl Default for SandboxLimits {
             exec_timeout: Duration::from_secs(60),
             fuel: None,
             memory_bytes: 256 * 1024 * 1024,
+            pool: None,
         }
     }
+}
+
+/// What one instance of a plugin may hold in a pooled runtime. A component needing more
+/// is refused when it loads ([`Runtime::check_fits`]).
+pub mod pool_limits {
+    /// Core instances in one component (Rust components have three to five).
+    pub const CORE_INSTANCES: u32 = 16;
+    /// Linear memories in one component.
+    pub const MEMORIES: u32 = 4;
+    /// Tables in one component.
+    pub const TABLES: u32 = 16;
+}
+
+/// Bytes of each pooled memory kept resident between instances (echo's memory fits).
+const KEEP_RESIDENT: usize = 2 * 1024 * 1024;
+
+/// The pooling allocator's configuration for `instances` instances under `limits`.
+fn pooling_config(instances: u32, limits: &SandboxLimits) -> wasmtime::PoolingAllocationConfig {
+    use pool_limits::{CORE_INSTANCES, MEMORIES, TABLES};
+    let mut pool = wasmtime::PoolingAllocationConfig::new();
+    pool.total_component_instances(instances)
+        .total_core_instances(instances.saturating_mul(CORE_INSTANCES / 2))
+        .total_memories(instances.saturating_mul(2))
+        .total_tables(instances.saturating_mul(TABLES / 2))
+        .total_stacks(instances)
+        .max_core_instances_per_component(CORE_INSTANCES)
+        .max_memories_per_component(MEMORIES)
+        .max_tables_per_component(TABLES)
+        .max_memories_per_module(MEMORIES)
+        .max_tables_per_module(TABLES)
+        // A memory may grow to the whole cap; the store's limiter holds all of an
+        // instance's memories together to it.
+        .max_memory_size(limits.memory_bytes);
+    // A freed slot's first pages are zeroed and kept instead of being returned to the
+    // kernel: each `madvise` costs a TLB shootdown on every core, the largest single cost
+    // per task (echo on Redis: 11.8k tasks/s without this, 14.7k with it; BENCHMARKS.md).
+    // That holds at most KEEP_RESIDENT per slot; pages past it are given back at once.
+    // (Batching the decommits did as well, but holds a whole slot's memory until a batch
+    // fills, which a plugin that used a gigabyte makes expensive.)
+    pool.linear_memory_keep_resident(KEEP_RESIDENT)
+        .table_keep_resident(KEEP_RESIDENT / 16);
+    pool
 }
 
 /// Why the host stopped an instance from the outside.
@@ -191,6 +239,11 @@ impl Runtime {
         config.wasm_component_model(true);
         config.epoch_interruption(true);
         config.consume_fuel(limits.fuel.is_some());
+        if let Some(instances) = limits.pool {
+            config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(
+                pooling_config(instances, &limits),
+            ));
+        }
         if let Some(dir) = cache_dir {
             std::fs::create_dir_all(dir).with_context(|| {
                 format!("cannot create the compiled-plugin cache {}", dir.display())
@@ -206,7 +259,16 @@ impl Runtime {
         }
         let engine = Engine::new(&config)
             .map_err(anyhow::Error::from)
-            .context("cannot create the WebAssembly engine")?;
+            .with_context(|| match limits.pool {
+                // Reserving the pool's address space is what fails; say what was asked.
+                Some(instances) => format!(
+                    "cannot create the WebAssembly engine with a pool of {instances} instances \
+                     of up to {} MiB each (concurrency × plugins); lower the concurrency or the \
+                     memory cap, or set limits.pooling = false",
+                    limits.memory_bytes / (1024 * 1024)
+                ),
+                None => "cannot create the WebAssembly engine".to_owned(),
+            })?;
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
@@ -238,6 +300,44 @@ impl Runtime {
     /// The limits every attempt runs under.
     pub fn limits(&self) -> &SandboxLimits {
         &self.limits
+    }
+
+    /// Refuses a component that could never be instantiated under these limits: more
+    /// memories or tables than a pooled instance may hold, or a memory that starts larger
+    /// than the memory cap.
+    pub fn check_fits(&self, component: &wasmtime::component::Component) -> anyhow::Result<()> {
+        // `None`: the component imports core modules, which plugins cannot do.
+        let Some(needs) = component.resources_required() else {
+            return Ok(());
+        };
+        let initial_bytes = needs
+            .max_initial_memory_size
+            .unwrap_or(0)
+            .saturating_mul(64 * 1024);
+        if initial_bytes > self.limits.memory_bytes as u64 {
+            anyhow::bail!(
+                "a memory starts at {} MiB, over the memory cap of {} MiB",
+                initial_bytes / (1024 * 1024),
+                self.limits.memory_bytes / (1024 * 1024)
+            );
+        }
+        if self.limits.pool.is_some() {
+            if needs.num_memories > pool_limits::MEMORIES {
+                anyhow::bail!(
+                    "it has {} memories; a pooled instance holds at most {}",
+                    needs.num_memories,
+                    pool_limits::MEMORIES
+                );
+            }
+            if needs.num_tables > pool_limits::TABLES {
+                anyhow::bail!(
+                    "it has {} tables; a pooled instance holds at most {}",
+                    needs.num_tables,
+                    pool_limits::TABLES
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Runs `handle` for one attempt of `task` in a fresh instance of `plugin`.

@@ -59,6 +59,9 @@ impl Plugin {
         let component = Component::from_file(runtime.engine(), path)
             .map_err(anyhow::Error::from)
             .with_context(|| format!("plugin {}: not a loadable component", path.display()))?;
+        runtime
+            .check_fits(&component)
+            .with_context(|| format!("plugin {}: does not fit the sandbox", path.display()))?;
         let instance_pre = runtime
             .linker()
             .instantiate_pre(&component)

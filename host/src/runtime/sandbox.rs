@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use tokio::sync::Notify;
+use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
-use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::Level;
@@ -119,11 +119,85 @@ impl AttemptSignals {
     }
 }
 
+/// The memory cap of one instance: all of its linear memories together (a component holds
+/// several core modules, each may have its own). A grow that would cross the cap traps, so
+/// it is reported as the memory limit rather than as whatever the guest's allocator makes
+/// of a failed grow.
+pub struct MemoryBudget {
+    cap: usize,
+    used: usize,
+}
+
+/// Core instances one store may create (a component's modules and its adapter shims).
+const MAX_CORE_INSTANCES: usize = 16;
+/// Tables and memories one store may create.
+const MAX_TABLES: usize = 16;
+const MAX_MEMORIES: usize = 4;
+/// Elements one table may hold.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+impl MemoryBudget {
+    /// A budget of `cap` bytes.
+    pub fn new(cap: usize) -> Self {
+        MemoryBudget { cap, used: 0 }
+    }
+}
+
+impl ResourceLimiter for MemoryBudget {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if maximum.is_some_and(|max| desired > max) {
+            // Past the memory's own declared maximum: the guest sees a failed grow, as the
+            // WebAssembly specification says.
+            return Ok(false);
+        }
+        let total = self.used.saturating_sub(current) + desired;
+        if total > self.cap {
+            wasmtime::bail!(
+                "growing a memory to {desired} bytes would take the instance's memories to \
+                 {total} bytes, over the cap of {} bytes",
+                self.cap
+            );
+        }
+        self.used = total;
+        Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        Err(error.context("the host could not grow the memory"))
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS && maximum.is_none_or(|max| desired <= max))
+    }
+
+    fn instances(&self) -> usize {
+        MAX_CORE_INSTANCES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+}
+
 /// The data of one instance's `wasmtime::Store`.
 pub struct AttemptState {
     wasi: WasiCtx,
     table: ResourceTable,
-    pub(super) limits: StoreLimits,
+    pub(super) limits: MemoryBudget,
     signals: AttemptSignals,
     stdout: GuestOutput,
     stderr: GuestOutput,
@@ -142,14 +216,7 @@ impl AttemptState {
             .allow_ip_name_lookup(false)
             .socket_addr_check(|_, _| Box::pin(async { false }))
             .build();
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(memory_limit)
-            // A failed grow traps instead of returning -1 to the guest, so that going over
-            // the cap is reported as "memory limit" rather than as whatever the guest's
-            // allocator makes of it.
-            .trap_on_grow_failure(true)
-            .instances(4)
-            .build();
+        let limits = MemoryBudget::new(memory_limit);
         AttemptState {
             wasi,
             table: ResourceTable::new(),

@@ -52,6 +52,14 @@ struct Args {
     /// Backlogs (pending tasks in Redis) for the scale scenario.
     #[arg(long, value_delimiter = ',', default_value = "10000,1000000")]
     backlog: Vec<usize>,
+    /// Allocate every instance's memory on demand instead of from a pool (the pool is
+    /// what `rebound run` uses by default).
+    #[arg(long)]
+    no_pooling: bool,
+    /// After each Redis throughput run, print Redis's per-command counts (where the round
+    /// trips go).
+    #[arg(long)]
+    commandstats: bool,
     /// Also write every figure to this file as JSON (for scripts/bench.sh's ratios).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -120,12 +128,19 @@ fn backend(name: &str) -> anyhow::Result<Backend> {
     }
 }
 
+/// Whether hosts take instances from a pool (`--no-pooling` turns it off).
+static POOLING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
 /// A host running in this process until the returned sender fires.
 fn start_host(
     store: SharedStore,
     plugins: &[&str],
-    config: HostConfig,
+    mut config: HostConfig,
 ) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    if POOLING.load(std::sync::atomic::Ordering::Relaxed) {
+        // Sized as `rebound run` sizes it: concurrency × plugins.
+        config.limits.pool = Some((config.concurrency * plugins.len()) as u32);
+    }
     let runtime = Arc::new(Runtime::new(config.limits.clone()).expect("engine"));
     let mut set = PluginSet::default();
     for name in plugins {
@@ -229,6 +244,9 @@ async fn throughput(args: &Args, report: &mut Report) -> anyhow::Result<()> {
                     if let Some(url) = &url {
                         let after = redis_info(url, "stats", "total_commands_processed")?;
                         commands.push((after - commands_before) / n as f64);
+                        if args.commandstats {
+                            print_commandstats(url, n)?;
+                        }
                     }
                     stop_host(host).await;
                     took.push(seconds);
@@ -384,30 +402,35 @@ async fn sandbox(args: &Args) -> anyhow::Result<()> {
     println!(
         "\n## Sandbox: echo, one attempt at a time (new store, WASI, instantiate, call, drop)\n"
     );
-    let runtime = Runtime::new(SandboxLimits::default())?;
-    let plugin = Plugin::load(&runtime, &plugin_wasm("echo"), RetryPolicy::default())?;
-    let task = Task::submitted("t".into(), NewTask::new("echo", r#"{"x":1}"#), 0);
-    let (mut p50, mut p99) = (Vec::new(), Vec::new());
-    for _ in 0..args.runs {
-        let mut times = Vec::with_capacity(5000);
-        for _ in 0..5000 {
-            let began = Instant::now();
-            let outcome = runtime
-                .run_attempt(&plugin, &task, None, &AttemptSignals::new(0))
-                .await;
-            times.push(began.elapsed().as_secs_f64() * 1e6);
-            anyhow::ensure!(matches!(
-                outcome,
-                rebound::runtime::AttemptOutcome::Completed(_)
-            ));
-        }
-        p50.push(quantile(&mut times, 0.5));
-        p99.push(quantile(&mut times, 0.99));
-    }
     println!("| measure | µs |");
     println!("|---|---|");
-    println!("| instantiate+call p50 (not pooled) | {} |", summary(p50));
-    println!("| instantiate+call p99 (not pooled) | {} |", summary(p99));
+    for (label, pool) in [("not pooled", None), ("pooled", Some(64))] {
+        let runtime = Runtime::new(SandboxLimits {
+            pool,
+            ..SandboxLimits::default()
+        })?;
+        let plugin = Plugin::load(&runtime, &plugin_wasm("echo"), RetryPolicy::default())?;
+        let task = Task::submitted("t".into(), NewTask::new("echo", r#"{"x":1}"#), 0);
+        let (mut p50, mut p99) = (Vec::new(), Vec::new());
+        for _ in 0..args.runs {
+            let mut times = Vec::with_capacity(5000);
+            for _ in 0..5000 {
+                let began = Instant::now();
+                let outcome = runtime
+                    .run_attempt(&plugin, &task, None, &AttemptSignals::new(0))
+                    .await;
+                times.push(began.elapsed().as_secs_f64() * 1e6);
+                anyhow::ensure!(matches!(
+                    outcome,
+                    rebound::runtime::AttemptOutcome::Completed(_)
+                ));
+            }
+            p50.push(quantile(&mut times, 0.5));
+            p99.push(quantile(&mut times, 0.99));
+        }
+        println!("| instantiate+call p50 ({label}) | {} |", summary(p50));
+        println!("| instantiate+call p99 ({label}) | {} |", summary(p99));
+    }
 
     let (mut cold, mut cached) = (Vec::new(), Vec::new());
     let cache = tempfile::tempdir()?;
@@ -505,6 +528,36 @@ fn redis_info(url: &str, section: &str, field: &str) -> anyhow::Result<f64> {
         .with_context(|| format!("{field} in INFO {section}"))
 }
 
+/// Calls of each Redis command so far (enqueue included), per task, largest first.
+fn print_commandstats(url: &str, tasks: usize) -> anyhow::Result<()> {
+    let port = url.rsplit(':').next().context("a port")?;
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", port, "info", "commandstats"])
+        .output()
+        .context("redis-cli")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut rows: Vec<(f64, &str)> = text
+        .lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls: f64 = rest
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((calls / tasks as f64, name))
+        })
+        .collect();
+    rows.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let shown: Vec<String> = rows
+        .iter()
+        .map(|(per_task, name)| format!("{name} {per_task:.2}"))
+        .collect();
+    println!("  Redis calls per task: {}", shown.join(", "));
+    Ok(())
+}
+
 /// A backlog of pending tasks in Redis: what a task costs in Redis memory, how long `stats`
 /// takes, and whether claiming slows down when the backlog is large.
 async fn scale(args: &Args, report: &mut Report) -> anyhow::Result<()> {
@@ -571,6 +624,7 @@ async fn scale(args: &Args, report: &mut Report) -> anyhow::Result<()> {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    POOLING.store(!args.no_pooling, std::sync::atomic::Ordering::Relaxed);
     let mut report = Report::default();
     println!(
         "# Rebound benchmarks ({} run(s) each; median [min–max])",

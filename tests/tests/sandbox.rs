@@ -1,0 +1,83 @@
+//! The sandbox's memory cap on a real host, with instances from the pool and without: a
+//! plugin under the cap completes, one that grows past it ends with `memory_limit`, the
+//! host keeps serving, and the memory the hog held is given back. Alone in its binary, so
+//! the resident-set figures are this test's own.
+
+use std::time::Duration;
+
+use rebound::backoff::RetryPolicy;
+use rebound::config::HostConfig;
+use rebound::runtime::SandboxLimits;
+use rebound::task::{NewTask, TaskState};
+use rebound_tests::{Backend, TestHost, TestStore, test_config, wait_until_final};
+use serde_json::Value;
+
+const MIB: usize = 1024 * 1024;
+
+/// This process's resident set, in MiB.
+fn rss_mib() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: usize = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS in /proc/self/status");
+    kib / 1024
+}
+
+/// Submits `params` to `queue` with no retries and waits until the task has ended.
+async fn run_once(store: &TestStore, queue: &str, params: &str) -> rebound::task::Task {
+    let task = NewTask {
+        retry: Some(RetryPolicy {
+            max_retry_count: 0,
+            ..RetryPolicy::default()
+        }),
+        ..NewTask::new(queue, params)
+    };
+    let id = store.store.create(task).await.unwrap().id;
+    wait_until_final(store.store.as_ref(), &id, Duration::from_secs(30))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_cap_stops_a_hog_and_the_memory_comes_back() {
+    rebound_tests::init_logging();
+    for pool in [None, Some(16)] {
+        let store = TestStore::new(Backend::Embedded).await.unwrap();
+        let config = HostConfig {
+            limits: SandboxLimits {
+                memory_bytes: 96 * MIB,
+                pool,
+                ..SandboxLimits::default()
+            },
+            ..test_config()
+        };
+        let host = TestHost::start(store.store.clone(), &["hog", "echo"], config);
+
+        // Just inside the cap (the guest's own stack and data take a few MiB more).
+        let under = run_once(&store, "hog", r#"{"mb": 80}"#).await;
+        assert_eq!(under.state, TaskState::Completed, "{pool:?}: {under:?}");
+        let result: Value = serde_json::from_str(under.result.as_deref().unwrap()).unwrap();
+        assert_eq!(result["held_mb"], 80);
+        let baseline = rss_mib();
+
+        // Past it: the attempt ends with the memory limit, whatever the guest's allocator
+        // would have made of a failed grow.
+        let over = run_once(&store, "hog", r#"{"mb": 200}"#).await;
+        assert_eq!(over.state, TaskState::Failed, "{pool:?}: {over:?}");
+        let error = over.last_error.unwrap();
+        assert!(error.starts_with("memory_limit:"), "{pool:?}: {error}");
+        assert!(error.contains("over the cap"), "{pool:?}: {error}");
+
+        // The host still serves, and gave back what the hog wrote (close to 96 MiB).
+        let echo = run_once(&store, "echo", r#"{"after":"hog"}"#).await;
+        assert_eq!(echo.state, TaskState::Completed);
+        let after = rss_mib();
+        assert!(
+            after < baseline + 32,
+            "{pool:?}: resident set {after} MiB after the hog, {baseline} MiB before it"
+        );
+        host.shutdown().await;
+    }
+}
