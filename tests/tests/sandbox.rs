@@ -81,3 +81,19 @@ async fn the_memory_cap_stops_a_hog_and_the_memory_comes_back() {
         host.shutdown().await;
     }
 }
+
+/// A pool too large to reserve is a start-up error that says what was asked, not a silent
+/// fallback to allocating on demand.
+#[test]
+fn a_pool_that_cannot_be_reserved_is_a_start_up_error() {
+    let limits = SandboxLimits {
+        pool: Some(1_000_000),
+        ..SandboxLimits::default()
+    };
+    let err = match rebound::runtime::Runtime::new(limits) {
+        Ok(_) => panic!("a pool of a million 256 MiB instances was reserved"),
+        Err(err) => format!("{err:#}"),
+    };
+    assert!(err.contains("a pool of 1000000 instances"), "{err}");
+    assert!(err.contains("limits.pooling = false"), "{err}");
+}
