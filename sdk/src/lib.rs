@@ -31,6 +31,8 @@
 //!
 //! What a plugin can reach is only what the host grants: the functions in [`log`],
 //! [`set_progress`] and [`cancelled`], and WASI with no files, no environment and no network.
+//! The plugin's manifest (`NAME.toml` beside `NAME.wasm`) may grant named environment
+//! variables and outbound HTTP to listed `host:port` pairs, which [`http`] reaches.
 //! Anything written to stdout or stderr ends up in the host's log, tagged with the task id.
 
 use std::fmt;
@@ -51,6 +53,9 @@ pub mod bindings {
         default_bindings_module: "rebound_sdk::bindings",
     });
 }
+
+#[cfg(target_arch = "wasm32")]
+pub mod http;
 
 pub use serde_json;
 
