@@ -22,6 +22,7 @@ use tracing_subscriber::EnvFilter;
 use crate::backoff::{Jitter, RetryPolicy, Strategy};
 use crate::config::HostConfig;
 use crate::gpu::{GpuGate, GpuRequirement, ProbeKind, format_gib, open_probe};
+use crate::runtime::plugin::LivePlugins;
 use crate::runtime::{PluginSet, Runtime};
 use crate::scheduler::Scheduler;
 use crate::settings::StoreSettings;
@@ -557,30 +558,38 @@ fn plugin_dir(loaded: &Loaded) -> anyhow::Result<PathBuf> {
 }
 
 /// How many `.wasm` files `dir` holds (0 when it cannot be read; loading says why).
-fn count_plugin_files(dir: &std::path::Path) -> usize {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .filter(|entry| entry.path().extension().is_some_and(|ext| ext == "wasm"))
-                .count()
+/// Instances the pool keeps slots for: every plugin's concurrency (its manifest's, else the
+/// host's) added up, and room for one more plugin of the host's concurrency, which a reload
+/// may bring. Attempts beyond the pool wait for a slot.
+fn pool_instances(dir: &std::path::Path, concurrency: usize) -> u32 {
+    let files = crate::runtime::plugin::plugin_files(dir).unwrap_or_default();
+    let total: usize = files
+        .iter()
+        .map(|wasm| {
+            crate::runtime::manifest::Manifest::for_plugin(wasm)
+                .ok()
+                .and_then(|manifest| manifest.concurrency)
+                .unwrap_or(concurrency)
         })
-        .unwrap_or(0)
+        .fold(concurrency, usize::saturating_add);
+    u32::try_from(total).unwrap_or(u32::MAX)
 }
 
 /// Loads (compiles) every plugin of the configured directory, off the async runtime.
 async fn load_plugins(
     loaded: &Loaded,
     config: &HostConfig,
-) -> anyhow::Result<(Arc<Runtime>, PathBuf, PluginSet, Vec<anyhow::Error>)> {
+) -> anyhow::Result<(
+    crate::reload::Loader,
+    PathBuf,
+    PluginSet,
+    Vec<anyhow::Error>,
+)> {
     let dir = plugin_dir(loaded)?;
     let cache = loaded.settings.cache.directory();
     let mut limits = config.limits.clone();
     if loaded.settings.limits.pooling {
-        // Every queue may run `concurrency` attempts at once, each in its own instance.
-        let plugins = count_plugin_files(&dir).max(1);
-        limits.pool =
-            Some(u32::try_from(config.concurrency.saturating_mul(plugins)).unwrap_or(u32::MAX));
+        limits.pool = Some(pool_instances(&dir, config.concurrency));
     }
     let runtime = Arc::new(Runtime::with_cache(limits, cache.as_deref())?);
     match &cache {
@@ -593,22 +602,28 @@ async fn load_plugins(
         .keys()
         .filter_map(|name| Some((name.clone(), loaded.plugin_gpu(name)?)))
         .collect();
+    let loader = crate::reload::Loader {
+        runtime,
+        retry: config.retry.clone(),
+        host_gpu,
+    };
     let (plugins, errors) = {
-        let runtime = runtime.clone();
+        let loader = loader.clone();
         let dir = dir.clone();
-        let retry = config.retry.clone();
         // Compiling components is CPU work that would stall the async runtime.
-        tokio::task::spawn_blocking(move || PluginSet::load_dir(&runtime, &dir, &retry, &host_gpu))
-            .await
-            .context("plugin loading panicked")??
+        tokio::task::spawn_blocking(move || {
+            PluginSet::load_dir(&loader.runtime, &dir, &loader.retry, &loader.host_gpu)
+        })
+        .await
+        .context("plugin loading panicked")??
     };
     for plugin in plugins.iter() {
-        crate::metrics::plugin_loaded(plugin.name());
+        crate::metrics::plugin_loaded(plugin.name(), plugin.version());
     }
     for _ in &errors {
         crate::metrics::plugin_load_failed();
     }
-    Ok((runtime, dir, plugins, errors))
+    Ok((loader, dir, plugins, errors))
 }
 
 async fn run(store: SharedStore, loaded: &Loaded) -> anyhow::Result<()> {
@@ -618,21 +633,18 @@ async fn run(store: SharedStore, loaded: &Loaded) -> anyhow::Result<()> {
         Some(_) => Some(crate::metrics::install()?),
         None => None,
     };
-    let (runtime, dir, plugins, errors) = load_plugins(loaded, &config).await?;
+    let (loader, dir, plugins, errors) = load_plugins(loaded, &config).await?;
     for err in &errors {
         tracing::error!("{err:#}");
     }
     for plugin in plugins.iter() {
+        let (name, queue, version) = (plugin.name(), plugin.queue(), plugin.version());
+        let path = plugin.path().display();
         match plugin.gpu() {
-            Some(needs) => tracing::info!(
-                plugin = plugin.name(),
-                path = %plugin.path().display(),
-                gpu = %needs,
-                "plugin loaded"
-            ),
-            None => {
-                tracing::info!(plugin = plugin.name(), path = %plugin.path().display(), "plugin loaded");
+            Some(needs) => {
+                tracing::info!(plugin = name, queue, version, %path, gpu = %needs, "plugin loaded");
             }
+            None => tracing::info!(plugin = name, queue, version, %path, "plugin loaded"),
         }
         for warning in &plugin.manifest().warnings {
             tracing::warn!(plugin = plugin.name(), "{warning}");
@@ -645,13 +657,23 @@ async fn run(store: SharedStore, loaded: &Loaded) -> anyhow::Result<()> {
         );
     }
 
+    let plugins = LivePlugins::new(plugins);
+    // Changes to the directory are loaded from now on; without a watch, only a restart
+    // picks them up.
+    let _watch = match crate::reload::watch_dir(&dir, loader.clone(), plugins.clone()) {
+        Ok(watch) => Some(watch),
+        Err(err) => {
+            tracing::warn!("{err:#}; plugin changes need a restart");
+            None
+        }
+    };
+
     if let (Some(addr), Some(metrics)) = (loaded.settings.http.listen, metrics) {
         let api = crate::http::Api {
             store: store.clone(),
             plugins: plugins.clone(),
             metrics,
             token: loaded.settings.http.token.clone(),
-            load_errors: errors.iter().map(|err| format!("{err:#}")).collect(),
         };
         let (local, server) = crate::http::serve(addr, api).await?;
         tracing::info!(address = %local, "serving the HTTP API, /metrics and /healthz");
@@ -666,7 +688,8 @@ async fn run(store: SharedStore, loaded: &Loaded) -> anyhow::Result<()> {
     };
     let gate = GpuGate::new(Arc::from(probe), config.gpu_interval);
     let host_id = format!("{}-{}", hostname(), std::process::id());
-    let scheduler = Scheduler::new(store, runtime, plugins, config, host_id).with_gpu_gate(gate);
+    let scheduler =
+        Scheduler::new(store, loader.runtime, plugins, config, host_id).with_gpu_gate(gate);
     // A second Ctrl-C (or SIGTERM) ends the grace period at once.
     scheduler
         .run_until(shutdown_signal(), shutdown_signal())
@@ -1141,7 +1164,7 @@ struct PluginCheck {
 
 async fn check_plugins(loaded: &Loaded, json: bool) -> anyhow::Result<()> {
     let config = loaded.host_config();
-    let (_runtime, dir, plugins, errors) = load_plugins(loaded, &config).await?;
+    let (_loader, dir, plugins, errors) = load_plugins(loaded, &config).await?;
     let mut checks: Vec<PluginCheck> = plugins
         .iter()
         .map(|plugin| PluginCheck {

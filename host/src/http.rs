@@ -28,7 +28,7 @@ use tokio::net::TcpListener;
 
 use crate::backoff::RetryPolicy;
 use crate::gpu::GpuRequirement;
-use crate::runtime::PluginSet;
+use crate::runtime::plugin::LivePlugins;
 use crate::store::{SharedStore, Store, StoreError};
 use crate::task::{NewTask, TaskState};
 
@@ -51,15 +51,13 @@ const STORE_WAIT: Duration = Duration::from_secs(3);
 pub struct Api {
     /// Where tasks live.
     pub store: SharedStore,
-    /// This host's plugins.
-    pub plugins: PluginSet,
+    /// This host's plugins as they are now, with the files that failed to load; `/readyz`
+    /// reports the host not ready while any file fails.
+    pub plugins: LivePlugins,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
     /// The bearer token `/v1` routes ask for; none when `None`.
     pub token: Option<String>,
-    /// Why plugin files in the plugin directory failed to load, one line each; `/readyz`
-    /// reports the host not ready while there are any.
-    pub load_errors: Vec<String>,
 }
 
 type Shared = Arc<Api>;
@@ -412,8 +410,17 @@ async fn stats(State(api): State<Shared>) -> Result<Response, ApiError> {
 async fn plugins(State(api): State<Shared>) -> Json<Value> {
     let plugins: Vec<Value> = api
         .plugins
+        .current()
         .iter()
-        .map(|plugin| json!({ "name": plugin.name(), "path": plugin.path(), "gpu": plugin.gpu() }))
+        .map(|plugin| {
+            json!({
+                "name": plugin.name(),
+                "queue": plugin.queue(),
+                "version": plugin.version(),
+                "path": plugin.path(),
+                "gpu": plugin.gpu(),
+            })
+        })
         .collect();
     Json(json!({ "plugins": plugins }))
 }
@@ -430,10 +437,11 @@ async fn readyz(State(api): State<Shared>) -> Response {
         Ok(Err(err)) => reasons.push(format!("the store does not answer: {err}")),
         Err(_) => reasons.push("the store did not answer within 2 s".to_owned()),
     }
-    if api.plugins.is_empty() {
+    let plugins = api.plugins.current();
+    if plugins.is_empty() {
         reasons.push("no plugin is loaded".to_owned());
     }
-    reasons.extend(api.load_errors.iter().cloned());
+    reasons.extend(plugins.failures().map(str::to_owned));
     if reasons.is_empty() {
         Json(json!({ "status": "ready" })).into_response()
     } else {

@@ -5,7 +5,7 @@
 //!
 //! - **task**: one unit of work with JSON parameters, submitted to a **queue**.
 //! - **plugin**: a WebAssembly component implementing the `rebound:plugin/handler` world
-//!   (`wit/`); the plugin `NAME` serves the queue `NAME`.
+//!   (`wit/`); the plugin `NAME` serves the queue `NAME` unless its manifest names another.
 //! - **attempt**: one run of a task's handler, in a fresh **instance** of its plugin.
 //! - **lease**: a host's claim on a running task, with a fencing token that makes reports
 //!   from a host that lost the task harmless.
@@ -19,6 +19,7 @@
 //! | [`backoff`]   | retry policies and the delay between attempts                 |
 //! | [`store`]     | storing tasks and every state transition (Redis, embedded)    |
 //! | [`runtime`]   | the wasmtime engine, plugins, and the per-attempt sandbox     |
+//! | [`reload`]    | following the plugin directory and loading what changes       |
 //! | [`scheduler`] | claiming tasks, running attempts, applying the retry policy   |
 //! | [`gpu`]       | the GPU gate: probes, requirements, admission, reservations   |
 //! | [`metrics`]   | every metric the host exports                                 |
@@ -35,6 +36,7 @@ pub mod config;
 pub mod gpu;
 pub mod http;
 pub mod metrics;
+pub mod reload;
 pub mod runtime;
 pub mod scheduler;
 pub mod settings;

@@ -44,7 +44,7 @@ const INSTANTIATION_BUCKETS: [f64; 11] = [
 ];
 
 /// Every outcome an attempt can have, as the `outcome` label spells it.
-pub const OUTCOMES: [&str; 11] = [
+pub const OUTCOMES: [&str; 12] = [
     "completed",
     "retry",
     "failed",
@@ -53,6 +53,7 @@ pub const OUTCOMES: [&str; 11] = [
     "memory_limit",
     "stack_overflow",
     "guest_panic",
+    "host_limit",
     "trap",
     "canceled",
     "lease_lost",
@@ -108,7 +109,10 @@ fn describe() {
         FUEL,
         "Fuel burnt by attempts (about one unit per WebAssembly instruction); only with a budget"
     );
-    describe_counter!(PLUGIN_LOADS, "Plugins loaded, by plugin");
+    describe_counter!(
+        PLUGIN_LOADS,
+        "Plugins loaded (at start-up and by reloads), by plugin and version (content hash prefix)"
+    );
     describe_counter!(PLUGIN_LOAD_FAILURES, "Plugin files that failed to load");
     describe_gauge!(
         GPU_FREE,
@@ -175,8 +179,13 @@ pub fn fuel_consumed(queue: &str, fuel: u64) {
 }
 
 /// Records a plugin that loaded.
-pub fn plugin_loaded(plugin: &str) {
-    metrics::counter!(PLUGIN_LOADS, "plugin" => plugin.to_owned()).increment(1);
+pub fn plugin_loaded(plugin: &str, version: &str) {
+    metrics::counter!(
+        PLUGIN_LOADS,
+        "plugin" => plugin.to_owned(),
+        "version" => version.to_owned()
+    )
+    .increment(1);
 }
 
 /// Records a plugin file that failed to load.

@@ -1,6 +1,12 @@
 //! Claims tasks for each queue that has a plugin, runs them, and records how they ended.
 //!
-//! One worker per queue holds a semaphore of `concurrency` slots. It claims only as many
+//! The scheduler follows the host's [`LivePlugins`]: a queue whose plugin appears (at
+//! start-up or by a reload) gets a worker; a worker whose plugin is gone stops claiming and
+//! lets its running attempts finish. Each attempt runs on the plugin version it was claimed
+//! with, so a reload never changes an attempt under way.
+//!
+//! One worker per queue holds a semaphore of `concurrency` slots (the plugin's manifest's,
+//! else the host's). It claims only as many
 //! tasks as it has free slots (at most `batch_size` per round trip), and each claimed task
 //! runs as its own async task that owns its slot: the slot is released when that task ends,
 //! whatever the path, so a slow task holds one slot and never a whole batch. An idle worker
@@ -32,7 +38,7 @@
 //! attempts, and attempts that ask for a retry while the host shuts down, are handed back to
 //! the store without being charged.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -44,8 +50,9 @@ use crate::config::HostConfig;
 use crate::gpu::{GpuGate, GpuRequirement, Reservation};
 use crate::metrics;
 use crate::runtime::bindings::Failure;
+use crate::runtime::plugin::LivePlugins;
 use crate::runtime::sandbox::{AttemptSignals, InterruptCause};
-use crate::runtime::{AttemptOutcome, Plugin, PluginSet, Runtime, TrapReason};
+use crate::runtime::{AttemptOutcome, Plugin, Runtime, TrapReason};
 use crate::store::{
     AttemptRef, FailedAttempt, HostReport, NextStep, Requeued, SharedStore, StoreError,
     SubmissionWatch, WakeFn, now_ms,
@@ -64,25 +71,28 @@ const REPORT_TRIES: u32 = 8;
 pub struct Scheduler {
     store: SharedStore,
     runtime: Arc<Runtime>,
-    plugins: PluginSet,
+    plugins: LivePlugins,
     config: HostConfig,
     host_id: String,
     gate: GpuGate,
 }
+
+/// Wakes each queue's worker when a task is submitted to it, by queue.
+type Wakeups = Arc<Mutex<HashMap<String, Arc<Notify>>>>;
 
 impl Scheduler {
     /// A scheduler for `plugins` on `store`. `host_id` names this host in leases and logs.
     pub fn new(
         store: SharedStore,
         runtime: Arc<Runtime>,
-        plugins: PluginSet,
+        plugins: impl Into<LivePlugins>,
         config: HostConfig,
         host_id: String,
     ) -> Self {
         Scheduler {
             store,
             runtime,
-            plugins,
+            plugins: plugins.into(),
             config,
             host_id,
             gate: GpuGate::closed("no GPU probe configured"),
@@ -110,41 +120,43 @@ impl Scheduler {
     ) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (hurry_tx, hurry_rx) = watch::channel(false);
-        let mut workers = JoinSet::new();
         let refresher = self.gate.spawn_refresher();
         let held = HeldCounts::default();
         let reporter = tokio::spawn(self.report_loop(held.clone()));
-        let wakeups: HashMap<String, Arc<Notify>> = self
-            .plugins
-            .iter()
-            .map(|plugin| (plugin.name().to_owned(), Arc::new(Notify::new())))
-            .collect();
-        let _watch = self.watch_submissions(&wakeups).await;
-        for plugin in self.plugins.iter() {
-            let worker = QueueWorker {
-                hurry: hurry_rx.clone(),
-                store: self.store.clone(),
-                runtime: self.runtime.clone(),
-                plugin: plugin.clone(),
-                config: self.config.clone(),
-                host_id: self.host_id.clone(),
-                slots: Arc::new(Semaphore::new(self.config.concurrency)),
-                running: Arc::default(),
-                gate: self.gate.clone(),
-                held: held.clone(),
-                submitted: wakeups[plugin.name()].clone(),
-            };
-            workers.spawn(worker.run(stop_rx.clone()));
-        }
-        info!(host = %self.host_id, queues = self.plugins.len(), "host started");
+        let mut workers = Workers {
+            running: JoinSet::new(),
+            serving: HashSet::new(),
+            wakeups: Wakeups::default(),
+            submissions: SubmissionWatch::none(),
+            stop: stop_rx,
+            hurry: hurry_rx,
+            held,
+        };
+        self.start_workers(&mut workers).await;
+        info!(host = %self.host_id, queues = workers.serving.len(), "host started");
 
-        shutdown.await;
+        let mut changes = self.plugins.subscribe();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Ok(()) = changes.changed() => self.start_workers(&mut workers).await,
+                Some(ended) = workers.running.join_next() => {
+                    if let Ok(queue) = ended {
+                        workers.serving.remove(&queue);
+                    }
+                    // Its plugin may be back already.
+                    self.start_workers(&mut workers).await;
+                }
+            }
+        }
+
         info!(
             grace = ?self.config.shutdown_grace,
             "shutting down: no new claims, waiting for running tasks"
         );
         let _ = stop_tx.send(true);
-        let drained = async { while workers.join_next().await.is_some() {} };
+        let drained = async { while workers.running.join_next().await.is_some() {} };
         tokio::pin!(drained);
         tokio::select! {
             _ = &mut drained => {}
@@ -162,13 +174,59 @@ impl Scheduler {
         info!("host stopped");
     }
 
+    /// Starts a worker for each queue of the live plugins that has none, and has the store
+    /// wake the workers on submissions to their queues.
+    async fn start_workers(&self, workers: &mut Workers) {
+        let plugins = self.plugins.current();
+        let mut started = false;
+        for plugin in plugins.iter() {
+            let queue = plugin.queue().to_owned();
+            if workers.serving.contains(&queue) {
+                continue;
+            }
+            let submitted = Arc::new(Notify::new());
+            workers
+                .wakeups
+                .lock()
+                .expect("poisoned")
+                .insert(queue.clone(), submitted.clone());
+            let concurrency = plugin.concurrency().unwrap_or(self.config.concurrency);
+            let worker = QueueWorker {
+                queue: queue.clone(),
+                hurry: workers.hurry.clone(),
+                store: self.store.clone(),
+                runtime: self.runtime.clone(),
+                plugins: self.plugins.clone(),
+                config: self.config.clone(),
+                host_id: self.host_id.clone(),
+                slots: Arc::new(Semaphore::new(concurrency)),
+                running: Arc::default(),
+                gate: self.gate.clone(),
+                held: workers.held.clone(),
+                submitted,
+            };
+            debug!(%queue, plugin = plugin.name(), version = plugin.version(), concurrency, "queue worker started");
+            workers.serving.insert(queue.clone());
+            let stop = workers.stop.clone();
+            workers.running.spawn(async move {
+                worker.run(stop).await;
+                queue
+            });
+            started = true;
+        }
+        if started {
+            let queues: Vec<String> = workers.serving.iter().cloned().collect();
+            workers.submissions = self
+                .watch_submissions(queues, workers.wakeups.clone())
+                .await;
+        }
+    }
+
     /// Has the store wake each queue's worker when a task is submitted to it. Without it
     /// (the store could not set it up), workers find new tasks by polling.
-    async fn watch_submissions(&self, wakeups: &HashMap<String, Arc<Notify>>) -> SubmissionWatch {
-        let queues: Vec<String> = wakeups.keys().cloned().collect();
-        let wakeups = wakeups.clone();
+    async fn watch_submissions(&self, queues: Vec<String>, wakeups: Wakeups) -> SubmissionWatch {
         let wake: WakeFn = Arc::new(move |queue: &str| {
-            if let Some(notify) = wakeups.get(queue) {
+            if let Some(notify) = wakeups.lock().expect("poisoned").get(queue) {
                 notify.notify_one();
             }
         });
@@ -187,12 +245,13 @@ impl Scheduler {
         let store = self.store.clone();
         let gate = self.gate.clone();
         let host = self.host_id.clone();
-        let queues: Vec<String> = self.plugins.iter().map(|p| p.name().to_owned()).collect();
+        let plugins = self.plugins.clone();
         let started_ms = now_ms();
         let every = gate.interval();
         let ttl = every * 3 + Duration::from_secs(2);
         async move {
             loop {
+                let queues: Vec<String> = plugins.current().queues().map(str::to_owned).collect();
                 let report = HostReport {
                     host: host.clone(),
                     queues: queues.clone(),
@@ -223,6 +282,20 @@ impl Scheduler {
     }
 }
 
+/// The queue workers of a running scheduler, and what they share.
+struct Workers {
+    /// Each worker ends with its queue's name.
+    running: JoinSet<String>,
+    /// The queues that have a worker.
+    serving: HashSet<String>,
+    wakeups: Wakeups,
+    /// Submission wake-ups for the queues in `serving`; replaced when a queue is added.
+    submissions: SubmissionWatch,
+    stop: watch::Receiver<bool>,
+    hurry: watch::Receiver<bool>,
+    held: HeldCounts,
+}
+
 /// How many tasks the GPU gate holds back, by queue, shared by the workers.
 type HeldCounts = Arc<Mutex<BTreeMap<String, usize>>>;
 
@@ -231,11 +304,13 @@ type RunningAttempts = Arc<Mutex<HashMap<String, AttemptSignals>>>;
 
 /// Claims and runs the tasks of one queue.
 struct QueueWorker {
+    queue: String,
     /// True once the grace period is to end at once.
     hurry: watch::Receiver<bool>,
     store: SharedStore,
     runtime: Arc<Runtime>,
-    plugin: Arc<Plugin>,
+    /// Where the queue's plugin, in its newest version, is looked up at every claim.
+    plugins: LivePlugins,
     config: HostConfig,
     host_id: String,
     slots: Arc<Semaphore>,
@@ -275,10 +350,14 @@ impl QueueWorker {
         mut stop: watch::Receiver<bool>,
         attempts: &mut JoinSet<()>,
     ) {
-        let queue = self.plugin.name();
+        let queue = self.queue.as_str();
         let mut claim_errors = 0u32;
         let mut held: HashMap<String, Held> = HashMap::new();
         while !*stop.borrow() {
+            let Some(plugin) = self.plugins.get(queue) else {
+                info!(%queue, "no plugin serves the queue any more: no new claims");
+                break;
+            };
             // Wait for a free slot first, so nothing is claimed that cannot start at once.
             let first = tokio::select! {
                 permit = self.slots.clone().acquire_owned() => permit.expect("never closed"),
@@ -309,7 +388,7 @@ impl QueueWorker {
             let idle = claimed.len() < slots.len();
             let mut refused = 0;
             for task in claimed {
-                let reservation = match self.admit(&task, &mut held) {
+                let reservation = match self.admit(&plugin, &task, &mut held) {
                     Admission::Free => None,
                     Admission::Reserved(reservation) => Some(reservation),
                     Admission::Refused => {
@@ -319,7 +398,8 @@ impl QueueWorker {
                     }
                 };
                 let permit = slots.pop().expect("never claims more tasks than slots");
-                attempts.spawn(self.attempt(task, permit, reservation, stop.clone()));
+                let attempt = self.attempt(&plugin, task, permit, reservation, stop.clone());
+                attempts.spawn(attempt);
             }
             drop(slots);
             while attempts.try_join_next().is_some() {}
@@ -342,11 +422,11 @@ impl QueueWorker {
 
     /// Whether `task` may start: at once when it needs no GPU, with a reservation when the
     /// gate admits it, or not now.
-    fn admit(&self, task: &Task, held: &mut HashMap<String, Held>) -> Admission {
-        let Some(needs) = GpuRequirement::effective(task.gpu, self.plugin.gpu()) else {
+    fn admit(&self, plugin: &Plugin, task: &Task, held: &mut HashMap<String, Held>) -> Admission {
+        let Some(needs) = GpuRequirement::effective(task.gpu, plugin.gpu()) else {
             return Admission::Free;
         };
-        let queue = self.plugin.name();
+        let queue = self.queue.as_str();
         let now = Instant::now();
         match self.gate.admit(&needs) {
             Some(reservation) => {
@@ -386,7 +466,7 @@ impl QueueWorker {
     /// Forgets held-back tasks not seen for a while (canceled, or taken by another host),
     /// and publishes how many are held.
     fn forget_stale_holds(&self, held: &mut HashMap<String, Held>) {
-        let queue = self.plugin.name();
+        let queue = self.queue.as_str();
         if held.is_empty() {
             // Nothing held now; say so once if something was.
             let mut counts = self.held.lock().expect("poisoned");
@@ -430,7 +510,7 @@ impl QueueWorker {
 
     /// Deletes the queue's finished tasks that are past their retention, in bounded bites.
     async fn trim_finished(&self) {
-        let queue = self.plugin.name();
+        let queue = self.queue.as_str();
         match self
             .store
             .trim_finished(queue, self.config.retention, 1000)
@@ -447,7 +527,7 @@ impl QueueWorker {
         if self.running.lock().expect("poisoned").is_empty() {
             return;
         }
-        let queue = self.plugin.name();
+        let queue = self.queue.as_str();
         let requests = match self.store.cancel_requests(queue).await {
             Ok(ids) => ids,
             Err(err) => {
@@ -466,7 +546,7 @@ impl QueueWorker {
 
     /// Takes back the queue's tasks whose host stopped renewing their lease.
     async fn requeue_expired(&self) {
-        let queue = self.plugin.name();
+        let queue = self.queue.as_str();
         let max_losses = self.config.max_lease_losses;
         match self.store.requeue_expired(queue, 1000, max_losses).await {
             Ok(done) if done != Requeued::default() => warn!(
@@ -505,7 +585,7 @@ impl QueueWorker {
         }
         let left = running();
         warn!(
-            queue = self.plugin.name(),
+            queue = %self.queue,
             tasks = left.len(),
             "shutdown grace period over, interrupting running tasks"
         );
@@ -518,6 +598,7 @@ impl QueueWorker {
     /// One attempt from start to recorded outcome, holding its concurrency slot throughout.
     fn attempt(
         &self,
+        plugin: &Arc<Plugin>,
         task: Task,
         slot: OwnedSemaphorePermit,
         reservation: Option<Reservation>,
@@ -529,12 +610,13 @@ impl QueueWorker {
             task_id = %task.id,
             queue = %task.queue,
             attempt = task.attempt,
+            version = plugin.version(),
             gpu,
         );
         let ctx = AttemptContext {
             store: self.store.clone(),
             runtime: self.runtime.clone(),
-            plugin: self.plugin.clone(),
+            plugin: plugin.clone(),
             running: self.running.clone(),
             lease: self.config.lease,
             stop,
@@ -567,7 +649,7 @@ impl AttemptContext {
     async fn run(self, task: Task) {
         let attempt = AttemptRef::of(&task);
         let signals = AttemptSignals::new(task.progress);
-        let queue = self.plugin.name();
+        let queue = self.plugin.queue();
         let running = {
             let mut running = self.running.lock().expect("poisoned");
             running.insert(task.id.clone(), signals.clone());

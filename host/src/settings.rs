@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::backoff::{RetryPolicy, Strategy};
 use crate::config::HostConfig;
 use crate::gpu::{GpuRequirement, ProbeKind};
-use crate::runtime::SandboxLimits;
+use crate::runtime::{BoundaryLimits, SandboxLimits};
 use crate::store::redis::mask_url_password;
 
 /// The file read when no `--config` is given, if it exists in the working directory.
@@ -128,9 +128,17 @@ pub struct LimitSettings {
     pub fuel: Option<u64>,
     /// Memory cap of one instance, in MiB.
     pub memory_mb: u64,
-    /// Reuse instance slots (memories, tables, stacks) from a pool sized concurrency ×
-    /// plugins, instead of mapping fresh memory for every attempt.
+    /// Reuse instance slots (memories, tables, stacks) from a pool sized by the plugins'
+    /// concurrencies, instead of mapping fresh memory for every attempt.
     pub pooling: bool,
+    /// Largest result of one attempt, in KiB.
+    pub max_output_kb: u64,
+    /// Most one attempt may write through the host's log, in KiB.
+    pub max_log_kb: u64,
+    /// Sustained log lines per second of one attempt (bursts of 10 s worth pass).
+    pub max_log_lines_per_s: u32,
+    /// Sustained progress updates per second of one attempt (bursts of 10 s worth pass).
+    pub max_progress_per_s: u32,
 }
 
 /// `[gpu]`.
@@ -320,6 +328,10 @@ impl Default for LimitSettings {
             fuel: limits.fuel,
             memory_mb: (limits.memory_bytes / (1024 * 1024)) as u64,
             pooling: true,
+            max_output_kb: (limits.boundary.output_bytes / 1024) as u64,
+            max_log_kb: (limits.boundary.log_bytes / 1024) as u64,
+            max_log_lines_per_s: limits.boundary.log_lines_per_s,
+            max_progress_per_s: limits.boundary.progress_per_s,
         }
     }
 }
@@ -644,7 +656,7 @@ impl Loaded {
     /// Refuses values no command can run with, naming the key and its layer.
     fn validate(&self) -> anyhow::Result<()> {
         let s = &self.settings;
-        let ranges: [(&str, u64, u64, u64); 9] = [
+        let ranges: [(&str, u64, u64, u64); 13] = [
             (
                 "host.concurrency",
                 s.host.concurrency as u64,
@@ -667,6 +679,20 @@ impl Loaded {
                 7 * DAY_MS,
             ),
             ("limits.memory_mb", s.limits.memory_mb, 1, MAX_MEMORY_MB),
+            ("limits.max_output_kb", s.limits.max_output_kb, 1, 1 << 20),
+            ("limits.max_log_kb", s.limits.max_log_kb, 1, 1 << 20),
+            (
+                "limits.max_log_lines_per_s",
+                u64::from(s.limits.max_log_lines_per_s),
+                1,
+                1_000_000,
+            ),
+            (
+                "limits.max_progress_per_s",
+                u64::from(s.limits.max_progress_per_s),
+                1,
+                1_000_000,
+            ),
             ("gpu.interval_ms", s.gpu.interval_ms, 10, HOUR_MS),
             (
                 "host.retention_s",
@@ -735,6 +761,7 @@ impl Loaded {
     /// The host's settings.
     pub fn host_config(&self) -> HostConfig {
         let s = &self.settings;
+        let kib = |kb: u64| usize::try_from(kb.saturating_mul(1024)).unwrap_or(usize::MAX);
         HostConfig {
             limits: SandboxLimits {
                 exec_timeout: Duration::from_millis(s.limits.exec_timeout_ms),
@@ -743,6 +770,12 @@ impl Loaded {
                     .unwrap_or(usize::MAX),
                 // Sized when the plugin directory is known (`limits.pooling`).
                 pool: None,
+                boundary: BoundaryLimits {
+                    output_bytes: kib(s.limits.max_output_kb),
+                    log_bytes: kib(s.limits.max_log_kb),
+                    log_lines_per_s: s.limits.max_log_lines_per_s,
+                    progress_per_s: s.limits.max_progress_per_s,
+                },
             },
             retry: s.retry.clone(),
             concurrency: s.host.concurrency,

@@ -22,6 +22,10 @@ pub const MAX_ID_LEN: usize = 200;
 /// The longest delay before a task runs or is retried: 366 days, in milliseconds. Longer
 /// delays given at submission are refused; longer backoffs are cut to it.
 pub const MAX_DELAY_MS: u64 = 366 * 24 * 60 * 60 * 1000;
+
+/// The largest `params` a task may have, in bytes (of JSON text): 1 MiB. Larger inputs
+/// belong in object storage, with their address in the parameters.
+pub const MAX_PARAMS_BYTES: usize = 1024 * 1024;
 /// The longest error text a task keeps, in bytes; the rest is cut off.
 pub const MAX_ERROR_LEN: usize = 4096;
 
@@ -236,6 +240,12 @@ impl NewTask {
         if let Some(id) = &self.id {
             validate_task_id(id)?;
         }
+        if self.params.len() > MAX_PARAMS_BYTES {
+            return Err(format!(
+                "params is {} bytes, over the limit of {MAX_PARAMS_BYTES} bytes (1 MiB)",
+                self.params.len()
+            ));
+        }
         if let Err(err) = serde_json::from_str::<serde::de::IgnoredAny>(&self.params) {
             return Err(format!("params is not valid JSON: {err}"));
         }
@@ -374,6 +384,10 @@ mod tests {
             (NewTask::new("", "{}"), "queue name"),
             (NewTask::new("a:b", "{}"), "queue name"),
             (NewTask::new("echo", "{not json"), "params"),
+            (
+                NewTask::new("echo", format!("\"{}\"", "x".repeat(MAX_PARAMS_BYTES))),
+                "over the limit",
+            ),
             (
                 NewTask {
                     id: Some("has space".into()),

@@ -1,29 +1,70 @@
 //! Plugin manifests: the optional `NAME.toml` beside `NAME.wasm`.
 //!
-//! A manifest says what the plugin's tasks need from the host. Today that is the GPU
-//! requirement:
+//! A manifest says how the host is to run the plugin: which queue it serves, how its tasks
+//! retry, the limits of its sandbox, how many of its attempts run at once, what its tasks
+//! need of a GPU, and what it may reach beyond the host's own imports. Every key is
+//! optional:
 //!
 //! ```toml
+//! queue = "resize"            # the queue it serves; default: the file name
+//! concurrency = 4             # attempts at once on this host; default: host.concurrency
+//!
+//! [retry]                     # for tasks submitted without a policy of their own
+//! backoff = "exponential"     # fixed, linear, exponential
+//! backoff_interval_ms = 500
+//! max_retry_count = 5
+//!
+//! [limits]
+//! exec_timeout_ms = 30000     # wall clock of one attempt
+//! fuel = 5_000_000_000        # CPU budget of one attempt
+//! memory_mb = 128             # all of an instance's memories together
+//! max_output_kb = 1024        # the handler's result
+//! max_log_kb = 1024           # what one attempt writes through the host's log
+//! max_log_lines_per_s = 100   # sustained log rate (bursts of 10 s worth are fine)
+//! max_progress_per_s = 20     # sustained progress-update rate (same bursts)
+//!
 //! [gpu]
 //! min_gpu_memory_gb = 6.5     # free memory, in GiB (2^30 bytes); fractions allowed
 //! max_gpu_utilization = 70    # start only while the GPU is at most this busy, in percent
+//!
+//! [capabilities]              # nothing is granted unless listed
+//! env = ["MODEL_NAME"]        # environment variables copied from the host's
+//! http = ["127.0.0.1:8000"]   # host:port pairs reachable through wasi:http
 //! ```
 //!
+//! Precedence, key by key: the manifest over the host's configuration (`[limits]`,
+//! `[retry]`, `host.concurrency`, `[plugins.NAME]`) over the built-in defaults.
+//!
 //! Unknown sections and keys are refused, so a misspelt key is an error at load time rather
-//! than a requirement silently ignored. Every error names the file and the key.
+//! than a setting silently ignored. Every error names the file and the key.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use anyhow::{Context, anyhow};
-use serde::Deserialize;
+use anyhow::{Context, anyhow, bail};
+use serde::{Deserialize, Serialize};
 
+use super::{Capabilities, SandboxLimits};
+use crate::backoff::RetryPolicy;
 use crate::gpu::GpuRequirement;
+use crate::settings::{MAX_CONCURRENCY, MAX_MEMORY_MB};
+use crate::task::validate_queue_name;
 
 /// A plugin's manifest, validated.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Manifest {
+    /// The queue the plugin serves, when not its file name.
+    pub queue: Option<String>,
+    /// Attempts of this plugin that may run at once on a host, when not the host's setting.
+    pub concurrency: Option<usize>,
+    /// The `[retry]` keys given, laid over the host's policy by [`Manifest::retry_policy`].
+    retry: toml::Table,
+    /// The `[limits]` keys given.
+    limits: LimitsSection,
     /// What the plugin's tasks need of a GPU; `None` when they need none.
     pub gpu: Option<GpuRequirement>,
+    /// What the plugin may reach besides the host's imports.
+    pub capabilities: Capabilities,
     /// Things that load but should change (deprecated keys), to be logged.
     pub warnings: Vec<String>,
 }
@@ -32,7 +73,25 @@ pub struct Manifest {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ManifestFile {
+    queue: Option<String>,
+    concurrency: Option<u64>,
+    retry: Option<toml::Table>,
+    limits: Option<LimitsSection>,
     gpu: Option<GpuSection>,
+    capabilities: Option<CapabilitiesSection>,
+}
+
+/// `[limits]`: each key given replaces the host's value.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsSection {
+    exec_timeout_ms: Option<u64>,
+    fuel: Option<u64>,
+    memory_mb: Option<u64>,
+    max_output_kb: Option<u64>,
+    max_log_kb: Option<u64>,
+    max_log_lines_per_s: Option<u32>,
+    max_progress_per_s: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -43,6 +102,15 @@ struct GpuSection {
     /// The replaced framework's name for `max_gpu_utilization`: despite "min", it meant
     /// "run only while utilization is at most this".
     min_gpu_utilization: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CapabilitiesSection {
+    #[serde(default)]
+    env: Vec<String>,
+    #[serde(default)]
+    http: Vec<String>,
 }
 
 /// The manifest path for the plugin at `wasm`: the same name with `.toml`.
@@ -71,35 +139,182 @@ impl Manifest {
     pub fn parse(text: &str) -> anyhow::Result<Manifest> {
         let file: ManifestFile = toml::from_str(text).map_err(|err| anyhow!("{err}"))?;
         let mut manifest = Manifest::default();
+        if let Some(queue) = file.queue {
+            validate_queue_name(&queue).map_err(|err| anyhow!("queue: {err}"))?;
+            manifest.queue = Some(queue);
+        }
+        if let Some(concurrency) = file.concurrency {
+            if !(1..=MAX_CONCURRENCY).contains(&concurrency) {
+                bail!(
+                    "concurrency = {concurrency} is out of range, expected 1 to {MAX_CONCURRENCY}"
+                );
+            }
+            manifest.concurrency = Some(concurrency as usize);
+        }
+        if let Some(retry) = file.retry {
+            manifest.retry = retry;
+            // Checked against the defaults now, so a bad key fails at load, whatever the
+            // host's policy turns out to be.
+            manifest.retry_policy(&RetryPolicy::default())?;
+        }
+        if let Some(limits) = file.limits {
+            limits.validate()?;
+            manifest.limits = limits;
+        }
         if let Some(gpu) = file.gpu {
-            let utilization = match (gpu.max_gpu_utilization, gpu.min_gpu_utilization) {
-                (Some(_), Some(_)) => {
-                    return Err(anyhow!(
-                        "[gpu] sets both max_gpu_utilization and its deprecated alias \
-                         min_gpu_utilization; keep max_gpu_utilization"
-                    ));
-                }
-                (None, Some(old)) => {
-                    manifest.warnings.push(
-                        "[gpu] min_gpu_utilization is deprecated: it means \"start only while \
-                         utilization is at most this\"; name it max_gpu_utilization"
-                            .to_owned(),
-                    );
-                    Some(old)
-                }
-                (max, None) => max,
-            };
-            let requirement = GpuRequirement::from_settings(gpu.min_gpu_memory_gb, utilization)
-                .map_err(|err| anyhow!("[gpu] {err}"))?;
-            manifest.gpu = Some(requirement);
+            manifest.gpu = Some(gpu.requirement(&mut manifest.warnings)?);
+        }
+        if let Some(capabilities) = file.capabilities {
+            manifest.capabilities = capabilities.validate()?;
         }
         Ok(manifest)
     }
+
+    /// The retry policy of the plugin's queue: the manifest's `[retry]` keys over `host`.
+    pub fn retry_policy(&self, host: &RetryPolicy) -> anyhow::Result<RetryPolicy> {
+        if self.retry.is_empty() {
+            return Ok(host.clone());
+        }
+        let mut merged = toml::Table::try_from(host).context("the host's retry policy")?;
+        for (key, value) in &self.retry {
+            merged.insert(key.clone(), value.clone());
+        }
+        let policy: RetryPolicy = merged
+            .try_into()
+            .map_err(|err: toml::de::Error| anyhow!("[retry] {}", err.message()))?;
+        policy.validate().map_err(|err| anyhow!("[retry] {err}"))?;
+        Ok(policy)
+    }
+
+    /// The sandbox limits of the plugin's attempts: the manifest's `[limits]` keys over
+    /// `host`.
+    pub fn sandbox_limits(&self, host: &SandboxLimits) -> anyhow::Result<SandboxLimits> {
+        let given = &self.limits;
+        let mut limits = host.clone();
+        if let Some(ms) = given.exec_timeout_ms {
+            limits.exec_timeout = Duration::from_millis(ms);
+        }
+        if let Some(fuel) = given.fuel {
+            limits.fuel = Some(fuel);
+        }
+        if let Some(mb) = given.memory_mb {
+            let bytes = usize::try_from(mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX);
+            if host.pool.is_some() && bytes > host.memory_bytes {
+                bail!(
+                    "[limits] memory_mb = {mb} is over the host's pooled instance size of {} \
+                     MiB; raise the host's limits.memory_mb, or set limits.pooling = false",
+                    host.memory_bytes / (1024 * 1024)
+                );
+            }
+            limits.memory_bytes = bytes;
+        }
+        let kib = |kb: u64| usize::try_from(kb.saturating_mul(1024)).unwrap_or(usize::MAX);
+        if let Some(kb) = given.max_output_kb {
+            limits.boundary.output_bytes = kib(kb);
+        }
+        if let Some(kb) = given.max_log_kb {
+            limits.boundary.log_bytes = kib(kb);
+        }
+        if let Some(rate) = given.max_log_lines_per_s {
+            limits.boundary.log_lines_per_s = rate;
+        }
+        if let Some(rate) = given.max_progress_per_s {
+            limits.boundary.progress_per_s = rate;
+        }
+        Ok(limits)
+    }
+}
+
+impl LimitsSection {
+    fn validate(&self) -> anyhow::Result<()> {
+        let ranges: [(&str, Option<u64>, u64, u64); 7] = [
+            ("exec_timeout_ms", self.exec_timeout_ms, 1, 24 * 3_600_000),
+            ("fuel", self.fuel, 1, u64::MAX),
+            ("memory_mb", self.memory_mb, 1, MAX_MEMORY_MB),
+            ("max_output_kb", self.max_output_kb, 1, 1 << 20),
+            ("max_log_kb", self.max_log_kb, 1, 1 << 20),
+            (
+                "max_log_lines_per_s",
+                self.max_log_lines_per_s.map(u64::from),
+                1,
+                1_000_000,
+            ),
+            (
+                "max_progress_per_s",
+                self.max_progress_per_s.map(u64::from),
+                1,
+                1_000_000,
+            ),
+        ];
+        for (key, value, min, max) in ranges {
+            if let Some(value) = value
+                && !(min..=max).contains(&value)
+            {
+                bail!("[limits] {key} = {value} is out of range, expected {min} to {max}");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl GpuSection {
+    fn requirement(self, warnings: &mut Vec<String>) -> anyhow::Result<GpuRequirement> {
+        let utilization = match (self.max_gpu_utilization, self.min_gpu_utilization) {
+            (Some(_), Some(_)) => bail!(
+                "[gpu] sets both max_gpu_utilization and its deprecated alias \
+                 min_gpu_utilization; keep max_gpu_utilization"
+            ),
+            (None, Some(old)) => {
+                warnings.push(
+                    "[gpu] min_gpu_utilization is deprecated: it means \"start only while \
+                     utilization is at most this\"; name it max_gpu_utilization"
+                        .to_owned(),
+                );
+                Some(old)
+            }
+            (max, None) => max,
+        };
+        GpuRequirement::from_settings(self.min_gpu_memory_gb, utilization)
+            .map_err(|err| anyhow!("[gpu] {err}"))
+    }
+}
+
+impl CapabilitiesSection {
+    fn validate(self) -> anyhow::Result<Capabilities> {
+        for name in &self.env {
+            let valid = !name.is_empty() && !name.contains('=') && !name.contains('\0');
+            if !valid {
+                bail!("[capabilities] env: `{name}` is not an environment variable name");
+            }
+        }
+        let mut http = Vec::with_capacity(self.http.len());
+        for entry in &self.http {
+            http.push(parse_authority(entry).map_err(|why| {
+                anyhow!("[capabilities] http: `{entry}` is not host:port ({why})")
+            })?);
+        }
+        Ok(Capabilities {
+            env: self.env,
+            http,
+        })
+    }
+}
+
+/// `host:port`, lowercased, as an HTTP request's authority is compared with it.
+fn parse_authority(entry: &str) -> Result<String, &'static str> {
+    let (host, port) = entry.rsplit_once(':').ok_or("no port")?;
+    if host.is_empty() || host.contains('/') || host.contains('@') {
+        return Err("no host name");
+    }
+    port.parse::<u16>()
+        .map_err(|_| "the port is not 0 to 65535")?;
+    Ok(entry.to_ascii_lowercase())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backoff::Strategy;
     use crate::gpu::GIB;
 
     #[test]
@@ -114,12 +329,91 @@ mod tests {
 
     #[test]
     fn an_empty_manifest_asks_for_nothing() {
-        assert_eq!(Manifest::parse("").unwrap(), Manifest::default());
+        let manifest = Manifest::parse("").unwrap();
+        assert_eq!(manifest, Manifest::default());
+        let host = SandboxLimits::default();
+        assert_eq!(manifest.sandbox_limits(&host).unwrap(), host);
+        assert_eq!(
+            manifest.retry_policy(&RetryPolicy::default()).unwrap(),
+            RetryPolicy::default()
+        );
         // An empty [gpu] section still asks for a GPU, of any kind.
         assert_eq!(
             Manifest::parse("[gpu]\n").unwrap().gpu,
             Some(GpuRequirement::default())
         );
+    }
+
+    #[test]
+    fn manifest_keys_win_over_the_host_key_by_key() {
+        let manifest = Manifest::parse(
+            "queue = \"resize\"\nconcurrency = 2\n\
+             [retry]\nbackoff = \"fixed\"\nmax_retry_count = 9\n\
+             [limits]\nexec_timeout_ms = 1500\nfuel = 1000\nmax_output_kb = 4\n\
+             max_log_lines_per_s = 7\n",
+        )
+        .unwrap();
+        assert_eq!(manifest.queue.as_deref(), Some("resize"));
+        assert_eq!(manifest.concurrency, Some(2));
+
+        let host_policy = RetryPolicy {
+            backoff_interval_ms: 250,
+            ..RetryPolicy::default()
+        };
+        let policy = manifest.retry_policy(&host_policy).unwrap();
+        assert_eq!(policy.backoff, Strategy::Fixed);
+        assert_eq!(policy.max_retry_count, 9);
+        // Not in the manifest: the host's value stays.
+        assert_eq!(policy.backoff_interval_ms, 250);
+
+        let host = SandboxLimits {
+            memory_bytes: 64 << 20,
+            ..SandboxLimits::default()
+        };
+        let limits = manifest.sandbox_limits(&host).unwrap();
+        assert_eq!(limits.exec_timeout, Duration::from_millis(1500));
+        assert_eq!(limits.fuel, Some(1000));
+        assert_eq!(limits.memory_bytes, 64 << 20);
+        assert_eq!(limits.boundary.output_bytes, 4096);
+        assert_eq!(limits.boundary.log_lines_per_s, 7);
+        assert_eq!(limits.boundary.log_bytes, host.boundary.log_bytes);
+    }
+
+    #[test]
+    fn a_pooled_host_refuses_a_memory_cap_over_its_slots() {
+        let manifest = Manifest::parse("[limits]\nmemory_mb = 512\n").unwrap();
+        let pooled = SandboxLimits {
+            memory_bytes: 256 << 20,
+            pool: Some(8),
+            ..SandboxLimits::default()
+        };
+        let err = manifest.sandbox_limits(&pooled).unwrap_err().to_string();
+        assert!(
+            err.contains("memory_mb") && err.contains("256 MiB"),
+            "{err}"
+        );
+        let unpooled = SandboxLimits {
+            pool: None,
+            ..pooled
+        };
+        assert_eq!(
+            manifest.sandbox_limits(&unpooled).unwrap().memory_bytes,
+            512 << 20
+        );
+    }
+
+    #[test]
+    fn capabilities_are_listed_names_and_host_port_pairs() {
+        let manifest = Manifest::parse(
+            "[capabilities]\nenv = [\"MODEL\"]\nhttp = [\"Models.Internal:8000\", \"[::1]:80\"]\n",
+        )
+        .unwrap();
+        assert_eq!(manifest.capabilities.env, ["MODEL"]);
+        assert_eq!(
+            manifest.capabilities.http,
+            ["models.internal:8000", "[::1]:80"]
+        );
+        assert_eq!(Manifest::default().capabilities, Capabilities::default());
     }
 
     #[test]
@@ -145,6 +439,19 @@ mod tests {
             ("[gpu]\nmin_gpu_memory_gb = -2\n", "min_gpu_memory_gb"),
             ("[gpu]\nmax_gpu_utilization = 250\n", "max_gpu_utilization"),
             ("[gpu]\nmin_gpu_memory_gb = \"four\"\n", "min_gpu_memory_gb"),
+            ("queue = \"no spaces\"\n", "queue"),
+            ("concurrency = 0\n", "concurrency"),
+            ("[retry]\nbackof = \"fixed\"\n", "backof"),
+            ("[retry]\nbackoff = \"sideways\"\n", "sideways"),
+            ("[retry]\nbackoff_multiplier = 0.5\n", "backoff_multiplier"),
+            ("[limits]\nexec_timeout_ms = 0\n", "exec_timeout_ms"),
+            ("[limits]\nmemory = 5\n", "memory"),
+            ("[limits]\nfuel = -1\n", "fuel"),
+            ("[limits]\nmax_progress_per_s = 0\n", "max_progress_per_s"),
+            ("[capabilities]\nenv = [\"A=B\"]\n", "env"),
+            ("[capabilities]\nhttp = [\"example.com\"]\n", "example.com"),
+            ("[capabilities]\nhttp = [\"example.com:http\"]\n", "http"),
+            ("[capabilities]\nfiles = [\"/etc\"]\n", "files"),
         ];
         for (text, key) in cases {
             let err = format!("{:#}", Manifest::parse(text).unwrap_err());

@@ -6,12 +6,19 @@
 //! [`EPOCH_TICK`], and at each tick a running guest yields to the async runtime (so a guest
 //! that never returns cannot starve other tasks) and is trapped once its deadline has passed
 //! or the host asked it to stop. An optional fuel budget bounds the CPU work of an attempt,
-//! and a memory cap bounds its linear memories.
+//! and a memory cap bounds its linear memories. What crosses the boundary is bounded too
+//! ([`BoundaryLimits`]): the result's size, the log volume and rate, the progress-update
+//! rate and the size of the parameters; going over one ends the attempt as
+//! [`TrapReason::HostLimit`], never the host.
+//!
+//! Each plugin runs under its own limits and grants: its manifest's over the host's
+//! ([`manifest`]).
 //!
 //! This module does not decide what happens after an attempt; it reports an
 //! [`AttemptOutcome`] and the scheduler takes it from there.
 
 pub mod bindings;
+pub mod capabilities;
 pub mod manifest;
 pub mod output;
 pub mod plugin;
@@ -30,6 +37,7 @@ use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
 use crate::task::Task;
 use bindings::{Failure, Handler};
+pub use capabilities::{Capabilities, Grants};
 pub use plugin::{Plugin, PluginSet};
 use sandbox::{AttemptSignals, AttemptState};
 
@@ -48,9 +56,12 @@ pub struct SandboxLimits {
     pub memory_bytes: usize,
     /// Instances the pooling allocator keeps slots for (memories, tables, stacks reserved
     /// once and reused), or `None` to allocate every instance's memory on demand. An
-    /// instance beyond the pool fails to start, so size it for every attempt that can run
-    /// at once: concurrency × plugins.
+    /// attempt waits for a free slot rather than fail, so size it for every attempt that
+    /// can run at once: the sum of the plugins' concurrencies. Host-wide: a plugin's
+    /// manifest cannot change it.
     pub pool: Option<u32>,
+    /// Limits on what crosses the boundary between the host and the guest.
+    pub boundary: BoundaryLimits,
 }
 
 impl Default for SandboxLimits {
@@ -60,9 +71,49 @@ impl Default for SandboxLimits {
             fuel: None,
             memory_bytes: 256 * 1024 * 1024,
             pool: None,
+            boundary: BoundaryLimits::default(),
         }
     }
 }
+
+/// Limits on what one attempt hands the host. Going over one ends the attempt as
+/// [`TrapReason::HostLimit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundaryLimits {
+    /// Bytes of the handler's result. Default 1 MiB.
+    pub output_bytes: usize,
+    /// Bytes one attempt may write through the host's `log`. Default 1 MiB. (Its stdout and
+    /// stderr are separate: kept up to 64 KiB each, the rest dropped.)
+    pub log_bytes: usize,
+    /// Log lines per second, sustained; bursts of ten seconds' worth pass. Default 100.
+    pub log_lines_per_s: u32,
+    /// Progress updates per second, sustained; bursts of ten seconds' worth pass. Default 20.
+    pub progress_per_s: u32,
+}
+
+impl Default for BoundaryLimits {
+    fn default() -> Self {
+        BoundaryLimits {
+            output_bytes: 1024 * 1024,
+            log_bytes: 1024 * 1024,
+            log_lines_per_s: 100,
+            progress_per_s: 20,
+        }
+    }
+}
+
+/// An attempt went over one of its [`BoundaryLimits`] (or its task's parameters are over
+/// [`crate::task::MAX_PARAMS_BYTES`]); the message names the limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostLimitExceeded(pub String);
+
+impl fmt::Display for HostLimitExceeded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for HostLimitExceeded {}
 
 /// What one instance of a plugin may hold in a pooled runtime. A component needing more
 /// is refused when it loads ([`Runtime::check_fits`]).
@@ -142,6 +193,8 @@ pub enum TrapReason {
     GuestPanic,
     /// The host stopped it on request.
     Canceled,
+    /// It went over a limit on what crosses the boundary ([`BoundaryLimits`]).
+    HostLimit,
     /// Any other trap or instantiation error.
     Trap,
 }
@@ -156,6 +209,7 @@ impl TrapReason {
             TrapReason::StackOverflow => "stack_overflow",
             TrapReason::GuestPanic => "guest_panic",
             TrapReason::Canceled => "canceled",
+            TrapReason::HostLimit => "host_limit",
             TrapReason::Trap => "trap",
         }
     }
@@ -220,6 +274,9 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<AttemptState>,
     limits: SandboxLimits,
+    /// One permit per pooled instance slot, held while an instance lives, so an attempt
+    /// beyond the pool waits for a slot instead of failing; `None` without a pool.
+    slots: Option<Arc<tokio::sync::Semaphore>>,
     _ticker: EpochTicker,
 }
 
@@ -238,7 +295,9 @@ impl Runtime {
         let mut config = wasmtime::Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
-        config.consume_fuel(limits.fuel.is_some());
+        // Always metered, so that a plugin's manifest can set a budget on a host that has
+        // none; an attempt without a budget gets all the fuel there is.
+        config.consume_fuel(true);
         if let Some(instances) = limits.pool {
             config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(
                 pooling_config(instances, &limits),
@@ -274,15 +333,23 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(anyhow::Error::from)
             .context("cannot link WASI into the sandbox")?;
+        // Every plugin may import wasi:http; only granted requests get through.
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+            .map_err(anyhow::Error::from)
+            .context("cannot link wasi:http into the sandbox")?;
         Handler::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
             .map_err(anyhow::Error::from)
             .context("cannot link the host imports")?;
 
         let ticker = EpochTicker::start(engine.clone())?;
+        let slots = limits
+            .pool
+            .map(|instances| Arc::new(tokio::sync::Semaphore::new(instances as usize)));
         Ok(Runtime {
             engine,
             linker,
             limits,
+            slots,
             _ticker: ticker,
         })
     }
@@ -297,7 +364,7 @@ impl Runtime {
         &self.linker
     }
 
-    /// The limits every attempt runs under.
+    /// The host's limits: those of every plugin whose manifest sets none of its own.
     pub fn limits(&self) -> &SandboxLimits {
         &self.limits
     }
@@ -305,7 +372,11 @@ impl Runtime {
     /// Refuses a component that could never be instantiated under these limits: more
     /// memories or tables than a pooled instance may hold, or a memory that starts larger
     /// than the memory cap.
-    pub fn check_fits(&self, component: &wasmtime::component::Component) -> anyhow::Result<()> {
+    pub fn check_fits(
+        &self,
+        component: &wasmtime::component::Component,
+        limits: &SandboxLimits,
+    ) -> anyhow::Result<()> {
         // `None`: the component imports core modules, which plugins cannot do.
         let Some(needs) = component.resources_required() else {
             return Ok(());
@@ -314,11 +385,11 @@ impl Runtime {
             .max_initial_memory_size
             .unwrap_or(0)
             .saturating_mul(64 * 1024);
-        if initial_bytes > self.limits.memory_bytes as u64 {
+        if initial_bytes > limits.memory_bytes as u64 {
             anyhow::bail!(
                 "a memory starts at {} MiB, over the memory cap of {} MiB",
                 initial_bytes / (1024 * 1024),
-                self.limits.memory_bytes / (1024 * 1024)
+                limits.memory_bytes / (1024 * 1024)
             );
         }
         if self.limits.pool.is_some() {
@@ -348,25 +419,47 @@ impl Runtime {
         gpu: Option<u32>,
         signals: &AttemptSignals,
     ) -> AttemptOutcome {
+        let limits = plugin.limits();
+        if task.params.len() > crate::task::MAX_PARAMS_BYTES {
+            return AttemptOutcome::Trapped {
+                reason: TrapReason::HostLimit,
+                message: format!(
+                    "params of {} bytes are over the limit of {} bytes",
+                    task.params.len(),
+                    crate::task::MAX_PARAMS_BYTES
+                ),
+            };
+        }
         let wit_task = wit_task(task, plugin.max_attempts(task), gpu);
         let started = Instant::now();
-        let fuel = self.limits.fuel;
+        let fuel = limits.fuel;
         let result = self
-            .call(signals, |mut store| async move {
+            .call(plugin, signals, |mut store| async move {
                 let instantiating = Instant::now();
                 let handler = plugin.pre().instantiate_async(&mut store).await?;
-                crate::metrics::instantiated(plugin.name(), instantiating.elapsed());
+                crate::metrics::instantiated(plugin.queue(), instantiating.elapsed());
                 let outcome = handler.call_handle(&mut store, &wit_task).await;
                 store.data().flush_output();
                 if let Some(budget) = fuel {
                     let left = store.get_fuel().unwrap_or(0);
-                    crate::metrics::fuel_consumed(plugin.name(), budget.saturating_sub(left));
+                    crate::metrics::fuel_consumed(plugin.queue(), budget.saturating_sub(left));
                 }
                 outcome
             })
             .await;
 
         match result {
+            Ok(Ok(output)) if output.len() > limits.boundary.output_bytes => {
+                AttemptOutcome::Trapped {
+                    reason: TrapReason::HostLimit,
+                    message: format!(
+                        "returned {} bytes of output, over the limit of {} bytes \
+                         (limits.max_output_kb)",
+                        output.len(),
+                        limits.boundary.output_bytes
+                    ),
+                }
+            }
             Ok(Ok(output)) => match serde_json::from_str::<serde::de::IgnoredAny>(&output) {
                 Ok(_) => AttemptOutcome::Completed(output),
                 Err(err) => AttemptOutcome::Failed(Failure::Fatal(format!(
@@ -395,7 +488,7 @@ impl Runtime {
         let wit_task = wit_task(task, plugin.max_attempts(task), gpu);
         let started = Instant::now();
         let result = self
-            .call(&signals, |mut store| async move {
+            .call(plugin, &signals, |mut store| async move {
                 let handler = plugin.pre().instantiate_async(&mut store).await?;
                 let outcome = handler
                     .call_on_exhausted(&mut store, &wit_task, error)
@@ -414,14 +507,25 @@ impl Runtime {
     /// the call is also raced against the deadline and the interrupt signal, a few ticks
     /// late so that the trap, which has the better message, wins whenever it can; losing
     /// the race drops the instance where it stands.
-    async fn call<T, F, Fut>(&self, signals: &AttemptSignals, work: F) -> wasmtime::Result<T>
+    async fn call<T, F, Fut>(
+        &self,
+        plugin: &Plugin,
+        signals: &AttemptSignals,
+        work: F,
+    ) -> wasmtime::Result<T>
     where
         F: FnOnce(Store<AttemptState>) -> Fut,
         Fut: Future<Output = wasmtime::Result<T>>,
     {
-        let timeout = self.limits.exec_timeout;
+        // A pooled instance needs a slot; the deadline counts from when it has one.
+        let _slot = match &self.slots {
+            Some(slots) => Some(slots.clone().acquire_owned().await.expect("never closed")),
+            None => None,
+        };
+        let limits = plugin.limits();
+        let timeout = limits.exec_timeout;
         let deadline = Instant::now() + timeout;
-        let store = self.new_store(signals.clone(), deadline);
+        let store = self.new_store(plugin, signals.clone(), deadline);
         let backstop = async {
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline.into()) => {}
@@ -440,17 +544,21 @@ impl Runtime {
 
     /// A store for one instance: limits, fuel, and the epoch callback that enforces the
     /// deadline and interrupts while yielding at every tick.
-    fn new_store(&self, signals: AttemptSignals, deadline: Instant) -> Store<AttemptState> {
-        let state = AttemptState::new(signals, self.limits.memory_bytes);
+    fn new_store(
+        &self,
+        plugin: &Plugin,
+        signals: AttemptSignals,
+        deadline: Instant,
+    ) -> Store<AttemptState> {
+        let limits = plugin.limits();
+        let state = AttemptState::new(signals, limits, plugin.grants());
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limits);
-        if let Some(fuel) = self.limits.fuel {
-            store
-                .set_fuel(fuel)
-                .expect("fuel is enabled on the engine whenever a budget is set");
-        }
+        store
+            .set_fuel(limits.fuel.unwrap_or(u64::MAX))
+            .expect("the engine meters fuel");
 
-        let timeout = self.limits.exec_timeout;
+        let timeout = limits.exec_timeout;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |ctx| {
             if ctx.data().signals().interrupt_cause().is_some() {
@@ -480,6 +588,9 @@ fn wit_task(task: &Task, max_attempts: u32, gpu: Option<u32>) -> bindings::Task 
 
 /// Names why an instance stopped, from the error wasmtime returned.
 fn classify_trap(err: &wasmtime::Error, elapsed: Duration) -> (TrapReason, String) {
+    if let Some(exceeded) = err.downcast_ref::<HostLimitExceeded>() {
+        return (TrapReason::HostLimit, exceeded.to_string());
+    }
     if let Some(interrupt) = err.downcast_ref::<Interrupt>() {
         let reason = match interrupt {
             Interrupt::Timeout(_) => TrapReason::Timeout,

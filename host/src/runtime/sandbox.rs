@@ -3,19 +3,28 @@
 //! Each attempt gets a fresh [`AttemptState`] inside a fresh `wasmtime::Store`, so nothing
 //! leaks from one task to the next. WASI is there only because Rust's standard library on
 //! `wasm32-wasip2` needs it (clocks, random numbers, stdio): the context has no preopened
-//! directories, no environment variables, no arguments and every socket use denied.
+//! directories, no arguments and every socket use denied, and only the environment
+//! variables the plugin was granted. `wasi:http` refuses every request the plugin's grant
+//! does not name ([`super::capabilities`]).
+//!
+//! The host imports count what the guest sends through them ([`BoundaryBudget`]); the call
+//! that goes over a limit traps, ending the attempt as a host limit.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::time::Instant;
 
 use tokio::sync::Notify;
 use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::bindings::Level;
 use super::bindings::rebound::plugin::{host, types};
+use super::capabilities::{Grants, HttpGate};
 use super::output::GuestOutput;
+use super::{BoundaryLimits, HostLimitExceeded, SandboxLimits};
 
 /// Why the host interrupted an attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,34 +202,127 @@ impl ResourceLimiter for MemoryBudget {
     }
 }
 
+/// A sustained rate with bursts: `per_s` events a second on average, up to ten seconds'
+/// worth at once.
+#[derive(Debug)]
+struct RateLimit {
+    per_s: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    /// Bursts of this many seconds' worth pass.
+    const BURST_S: f64 = 10.0;
+
+    fn new(per_s: u32) -> Self {
+        let per_s = f64::from(per_s);
+        RateLimit {
+            per_s,
+            tokens: per_s * Self::BURST_S,
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes one event; false when the rate is used up.
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let earned = now.duration_since(self.last).as_secs_f64() * self.per_s;
+        self.tokens = (self.tokens + earned).min(self.per_s * Self::BURST_S);
+        self.last = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+}
+
+/// What one attempt has sent through the host imports, against its [`BoundaryLimits`].
+#[derive(Debug)]
+pub struct BoundaryBudget {
+    limits: BoundaryLimits,
+    log_bytes: usize,
+    log_rate: RateLimit,
+    progress_rate: RateLimit,
+}
+
+impl BoundaryBudget {
+    /// A fresh budget under `limits`.
+    pub fn new(limits: &BoundaryLimits) -> Self {
+        BoundaryBudget {
+            limits: limits.clone(),
+            log_bytes: 0,
+            log_rate: RateLimit::new(limits.log_lines_per_s),
+            progress_rate: RateLimit::new(limits.progress_per_s),
+        }
+    }
+
+    /// Counts a log line of `bytes`.
+    pub fn log_line(&mut self, bytes: usize) -> Result<(), HostLimitExceeded> {
+        self.log_bytes = self.log_bytes.saturating_add(bytes);
+        if self.log_bytes > self.limits.log_bytes {
+            return Err(HostLimitExceeded(format!(
+                "logged over {} bytes (limits.max_log_kb)",
+                self.limits.log_bytes
+            )));
+        }
+        if !self.log_rate.take() {
+            return Err(HostLimitExceeded(format!(
+                "logged faster than {} lines per second (limits.max_log_lines_per_s)",
+                self.limits.log_lines_per_s
+            )));
+        }
+        Ok(())
+    }
+
+    /// Counts a progress update.
+    pub fn progress_update(&mut self) -> Result<(), HostLimitExceeded> {
+        if !self.progress_rate.take() {
+            return Err(HostLimitExceeded(format!(
+                "reported progress faster than {} times per second (limits.max_progress_per_s)",
+                self.limits.progress_per_s
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// The data of one instance's `wasmtime::Store`.
 pub struct AttemptState {
     wasi: WasiCtx,
+    http: WasiHttpCtx,
+    http_gate: HttpGate,
     table: ResourceTable,
     pub(super) limits: MemoryBudget,
+    budget: BoundaryBudget,
     signals: AttemptSignals,
     stdout: GuestOutput,
     stderr: GuestOutput,
 }
 
 impl AttemptState {
-    /// A sandbox with `memory_limit` bytes for all of the instance's linear memories.
-    pub fn new(signals: AttemptSignals, memory_limit: usize) -> Self {
+    /// A sandbox under `limits` that can reach what `grants` lists.
+    pub fn new(signals: AttemptSignals, limits: &SandboxLimits, grants: &Grants) -> Self {
         let stdout = GuestOutput::new("stdout");
         let stderr = GuestOutput::new("stderr");
-        let wasi = WasiCtxBuilder::new()
-            .stdout(stdout.clone())
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(stdout.clone())
             .stderr(stderr.clone())
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
-            .socket_addr_check(|_, _| Box::pin(async { false }))
-            .build();
-        let limits = MemoryBudget::new(memory_limit);
+            .socket_addr_check(|_, _| Box::pin(async { false }));
+        for (name, value) in grants.env.iter() {
+            wasi.env(name, value);
+        }
         AttemptState {
-            wasi,
+            wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
+            http_gate: HttpGate::new(grants.http.clone()),
             table: ResourceTable::new(),
-            limits,
+            limits: MemoryBudget::new(limits.memory_bytes),
+            budget: BoundaryBudget::new(&limits.boundary),
             signals,
             stdout,
             stderr,
@@ -249,10 +351,21 @@ impl WasiView for AttemptState {
     }
 }
 
+impl WasiHttpView for AttemptState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.http_gate,
+        }
+    }
+}
+
 impl types::Host for AttemptState {}
 
 impl host::Host for AttemptState {
-    fn log(&mut self, level: Level, message: String) {
+    fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
+        self.budget.log_line(message.len())?;
         // Events need a level known at compile time, hence one arm per level. The caller's
         // span tags them with the task id, queue and attempt.
         match level {
@@ -262,16 +375,19 @@ impl host::Host for AttemptState {
             Level::Warn => tracing::warn!(target: "rebound::guest", "{message}"),
             Level::Error => tracing::error!(target: "rebound::guest", "{message}"),
         }
+        Ok(())
     }
 
-    fn set_progress(&mut self, percent: u8) {
+    fn set_progress(&mut self, percent: u8) -> wasmtime::Result<()> {
+        self.budget.progress_update()?;
         if !self.signals.raise_progress(percent) {
             tracing::debug!(percent, "ignored progress over 100");
         }
+        Ok(())
     }
 
-    fn cancelled(&mut self) -> bool {
-        self.signals.is_stop_requested()
+    fn cancelled(&mut self) -> wasmtime::Result<bool> {
+        Ok(self.signals.is_stop_requested())
     }
 }
 
@@ -299,6 +415,84 @@ mod tests {
         assert_eq!(signals.interrupt_cause(), Some(InterruptCause::Canceled));
         // Interrupted already: waiting returns at once.
         signals.interrupted().await;
+    }
+
+    #[test]
+    fn the_boundary_budget_allows_bursts_and_refuses_floods() {
+        let limits = BoundaryLimits {
+            log_bytes: 10_000,
+            log_lines_per_s: 5,
+            progress_per_s: 3,
+            ..BoundaryLimits::default()
+        };
+        let mut budget = BoundaryBudget::new(&limits);
+        // Ten seconds' worth at once passes; the next one does not.
+        for _ in 0..50 {
+            budget.log_line(10).unwrap();
+        }
+        let err = budget.log_line(10).unwrap_err();
+        assert!(err.0.contains("max_log_lines_per_s"), "{err}");
+        for _ in 0..30 {
+            budget.progress_update().unwrap();
+        }
+        let err = budget.progress_update().unwrap_err();
+        assert!(err.0.contains("max_progress_per_s"), "{err}");
+
+        // Bytes are a total, whatever the rate.
+        let mut budget = BoundaryBudget::new(&limits);
+        budget.log_line(9_000).unwrap();
+        let err = budget.log_line(1_001).unwrap_err();
+        assert!(err.0.contains("max_log_kb"), "{err}");
+    }
+
+    /// A module with two memories, and a function growing each by a number of pages.
+    const TWO_MEMORIES: &str = r#"
+        (module
+          (memory $a 1)
+          (memory $b 1)
+          (func (export "grow_a") (param i32) (result i32) (memory.grow $a (local.get 0)))
+          (func (export "grow_b") (param i32) (result i32) (memory.grow $b (local.get 0))))
+    "#;
+
+    /// Pages of 64 KiB in `mib` MiB.
+    fn pages(mib: i32) -> i32 {
+        mib * 16
+    }
+
+    /// The cap holds two memories together, on the pool and off it: each may grow while the
+    /// sum fits (the twin), and the grow that takes the sum past the cap traps.
+    #[test]
+    fn the_memory_cap_counts_all_memories_together() {
+        use wasmtime::{Instance, Module, Store};
+        const MIB: usize = 1024 * 1024;
+        for pool in [None, Some(4)] {
+            let limits = super::super::SandboxLimits {
+                memory_bytes: 96 * MIB,
+                pool,
+                ..Default::default()
+            };
+            let runtime = super::super::Runtime::new(limits).unwrap();
+            let module =
+                Module::new(runtime.engine(), wat::parse_str(TWO_MEMORIES).unwrap()).unwrap();
+            let run = |a: i32, b: i32| -> wasmtime::Result<()> {
+                let mut store = Store::new(runtime.engine(), MemoryBudget::new(96 * MIB));
+                store.limiter(|budget| budget);
+                // The engine meters fuel and checks epochs; neither is under test here.
+                store.set_fuel(u64::MAX)?;
+                store.set_epoch_deadline(1_000_000);
+                let instance = Instance::new(&mut store, &module, &[])?;
+                let grow_a = instance.get_typed_func::<i32, i32>(&mut store, "grow_a")?;
+                let grow_b = instance.get_typed_func::<i32, i32>(&mut store, "grow_b")?;
+                assert_eq!(grow_a.call(&mut store, pages(a))?, 1, "{pool:?}: grew a");
+                assert_eq!(grow_b.call(&mut store, pages(b))?, 1, "{pool:?}: grew b");
+                Ok(())
+            };
+            // 1 + 40 and 1 + 40 MiB: 82 MiB together, under 96.
+            run(40, 40).unwrap();
+            // 1 + 60 and 1 + 60 MiB: each under the cap alone, 122 MiB together.
+            let err = format!("{:?}", run(60, 60).unwrap_err());
+            assert!(err.contains("over the cap of"), "{pool:?}: {err}");
+        }
     }
 
     #[test]
