@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use rebound::config::HostConfig;
 use rebound::gpu::GpuGate;
+use rebound::runtime::plugin::LivePlugins;
 use rebound::runtime::{Plugin, PluginSet, Runtime, SandboxLimits};
 use rebound::scheduler::Scheduler;
 use rebound::store::embedded::EmbeddedStore;
@@ -586,7 +587,9 @@ pub fn test_config() -> HostConfig {
 pub struct TestHost {
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
-    _plugins: TempDir,
+    plugins: TempDir,
+    live: LivePlugins,
+    _watch: Option<rebound::reload::DirectoryWatch>,
 }
 
 /// What a test host has besides its plugins and settings.
@@ -596,6 +599,8 @@ pub struct HostSetup<'a> {
     pub gate: Option<GpuGate>,
     /// Manifests to write beside the plugins: `(plugin name, TOML text)`.
     pub manifests: &'a [(&'a str, &'a str)],
+    /// Follow the plugin directory and load what changes, as `rebound run` does.
+    pub reload: bool,
 }
 
 impl TestHost {
@@ -621,14 +626,36 @@ impl TestHost {
         let mut set = PluginSet::default();
         for name in plugins {
             let path = dir.path().join(format!("{name}.wasm"));
-            let plugin = Plugin::load(&runtime, &path, config.retry.clone())
+            let plugin = Plugin::load(&runtime, &path, &config.retry)
                 .unwrap_or_else(|err| panic!("plugin {name} loads: {err:#}"));
             set.insert(plugin);
         }
+        TestHost::serve(store, dir, runtime, set, config, setup)
+    }
+
+    /// Starts a host serving `set`, loaded from `dir` by `runtime`; `setup.manifests` is
+    /// not used (the plugins are loaded already).
+    pub fn serve(
+        store: SharedStore,
+        dir: TempDir,
+        runtime: Arc<Runtime>,
+        set: PluginSet,
+        config: HostConfig,
+        setup: HostSetup<'_>,
+    ) -> Self {
+        let live = LivePlugins::new(set);
+        let watch = setup.reload.then(|| {
+            let loader = rebound::reload::Loader {
+                runtime: runtime.clone(),
+                retry: config.retry.clone(),
+                host_gpu: Default::default(),
+            };
+            rebound::reload::watch_dir(dir.path(), loader, live.clone()).expect("the watch starts")
+        });
         // Distinct names, so leases tell hosts of one test apart.
         static HOSTS: AtomicUsize = AtomicUsize::new(0);
         let host_id = format!("test-host-{}", HOSTS.fetch_add(1, Ordering::Relaxed));
-        let mut scheduler = Scheduler::new(store, runtime, set, config, host_id);
+        let mut scheduler = Scheduler::new(store, runtime, live.clone(), config, host_id);
         if let Some(gate) = setup.gate {
             scheduler = scheduler.with_gpu_gate(gate);
         }
@@ -639,8 +666,20 @@ impl TestHost {
         TestHost {
             stop: Some(stop),
             task: Some(task),
-            _plugins: dir,
+            plugins: dir,
+            live,
+            _watch: watch,
         }
+    }
+
+    /// The plugins the host serves now.
+    pub fn plugins(&self) -> &LivePlugins {
+        &self.live
+    }
+
+    /// The host's plugin directory.
+    pub fn plugin_dir(&self) -> &Path {
+        self.plugins.path()
     }
 
     /// Asks the host to shut down and waits until it has.

@@ -29,10 +29,9 @@ fn api(store: SharedStore, token: Option<&str>) -> (Router, tempfile::TempDir) {
     assert!(errors.is_empty(), "{errors:?}");
     let api = Api {
         store,
-        plugins,
+        plugins: plugins.into(),
         metrics: PrometheusBuilder::new().build_recorder().handle(),
         token: token.map(str::to_owned),
-        load_errors: Vec::new(),
     };
     (router(api), dir)
 }
@@ -402,10 +401,9 @@ async fn a_plugin_that_failed_to_load_is_not_ready() {
         rebound::store::embedded::EmbeddedStore::open(&path.path().join("tasks.db")).unwrap();
     let app = router(Api {
         store: std::sync::Arc::new(store),
-        plugins,
+        plugins: plugins.into(),
         metrics: PrometheusBuilder::new().build_recorder().handle(),
         token: None,
-        load_errors: errors.iter().map(|err| format!("{err:#}")).collect(),
     });
     let (status, ready) = call(&app, Method::GET, "/readyz", None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{ready}");

@@ -39,6 +39,7 @@ fn host(ts: &TestStore, plugins: &[&str], gate: GpuGate, manifests: &[(&str, &st
     let setup = HostSetup {
         gate: Some(gate),
         manifests,
+        ..HostSetup::default()
     };
     TestHost::start_with(ts.store.clone(), plugins, config(), setup)
 }

@@ -120,7 +120,6 @@ fn a_real_scrape_passes_promtool_and_counts_what_ran() {
             1.0,
         ),
         (r#"rebound_running_instances{queue="echo"}"#, 0.0),
-        (r#"rebound_plugin_loads_total{plugin="echo"}"#, 1.0),
         (r#"rebound_task_duration_seconds_count{queue="echo"}"#, 5.0),
         (r#"rebound_instantiation_seconds_count{queue="echo"}"#, 5.0),
         (r#"rebound_queue_wait_seconds_count{queue="echo"}"#, 5.0),
@@ -132,6 +131,20 @@ fn a_real_scrape_passes_promtool_and_counts_what_ran() {
             "{series} in\n{scrape}"
         );
     }
+    // One load of echo, labelled with its version: 12 hex digits of its file's hash.
+    let loads: Vec<&str> = scrape
+        .lines()
+        .filter_map(|line| {
+            line.strip_prefix(r#"rebound_plugin_loads_total{plugin="echo",version=""#)
+        })
+        .collect();
+    assert_eq!(loads.len(), 1, "{scrape}");
+    let (version, count) = loads[0].split_once(r#""} "#).expect("a version label");
+    assert!(
+        version.len() == 12 && version.chars().all(|c| c.is_ascii_hexdigit()),
+        "{version}"
+    );
+    assert_eq!(count, "1");
     let fuel = sample(&scrape, r#"rebound_fuel_consumed_total{queue="echo"}"#);
     assert!(fuel.is_some_and(|fuel| fuel > 0.0), "{scrape}");
     assert!(!scrape.contains("task_id"), "no task ids in labels");

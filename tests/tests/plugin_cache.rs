@@ -30,7 +30,7 @@ fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
 async fn load_and_run(dir: &Path) -> std::time::Duration {
     let runtime = Runtime::with_cache(SandboxLimits::default(), Some(dir)).unwrap();
     let began = Instant::now();
-    let plugin = Plugin::load(&runtime, &plugin_wasm("echo"), Default::default()).unwrap();
+    let plugin = Plugin::load(&runtime, &plugin_wasm("echo"), &Default::default()).unwrap();
     let took = began.elapsed();
     let task = Task::submitted("t".into(), NewTask::new("echo", r#"{"cached":true}"#), 0);
     let outcome = runtime

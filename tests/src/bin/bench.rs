@@ -145,7 +145,7 @@ fn start_host(
     let mut set = PluginSet::default();
     for name in plugins {
         let plugin =
-            Plugin::load(&runtime, &plugin_wasm(name), config.retry.clone()).expect("plugin loads");
+            Plugin::load(&runtime, &plugin_wasm(name), &config.retry).expect("plugin loads");
         set.insert(plugin);
     }
     let scheduler = Scheduler::new(store, runtime, set, config, "bench-host".to_owned());
@@ -409,7 +409,7 @@ async fn sandbox(args: &Args) -> anyhow::Result<()> {
             pool,
             ..SandboxLimits::default()
         })?;
-        let plugin = Plugin::load(&runtime, &plugin_wasm("echo"), RetryPolicy::default())?;
+        let plugin = Plugin::load(&runtime, &plugin_wasm("echo"), &RetryPolicy::default())?;
         let task = Task::submitted("t".into(), NewTask::new("echo", r#"{"x":1}"#), 0);
         let (mut p50, mut p99) = (Vec::new(), Vec::new());
         for _ in 0..args.runs {
@@ -437,15 +437,15 @@ async fn sandbox(args: &Args) -> anyhow::Result<()> {
     for _ in 0..args.runs {
         let runtime = Runtime::new(SandboxLimits::default())?;
         let began = Instant::now();
-        Plugin::load(&runtime, &plugin_wasm("echo"), RetryPolicy::default())?;
+        Plugin::load(&runtime, &plugin_wasm("echo"), &RetryPolicy::default())?;
         cold.push(began.elapsed().as_secs_f64() * 1e3);
     }
     Runtime::with_cache(SandboxLimits::default(), Some(cache.path()))
-        .and_then(|r| Plugin::load(&r, &plugin_wasm("echo"), RetryPolicy::default()))?;
+        .and_then(|r| Plugin::load(&r, &plugin_wasm("echo"), &RetryPolicy::default()))?;
     for _ in 0..args.runs {
         let runtime = Runtime::with_cache(SandboxLimits::default(), Some(cache.path()))?;
         let began = Instant::now();
-        Plugin::load(&runtime, &plugin_wasm("echo"), RetryPolicy::default())?;
+        Plugin::load(&runtime, &plugin_wasm("echo"), &RetryPolicy::default())?;
         cached.push(began.elapsed().as_secs_f64() * 1e3);
     }
     println!("\n| plugin load (echo) | ms |");
