@@ -550,14 +550,17 @@ fn default_data_path() -> anyhow::Result<PathBuf> {
 }
 
 /// The plugin directory from the settings, or an error saying how to give one.
+/// The plugin directory, made absolute (the directory watch reports absolute paths, and
+/// a plugin is known by its path). One that cannot be resolved is returned as given, for
+/// loading to say why it cannot be read.
 fn plugin_dir(loaded: &Loaded) -> anyhow::Result<PathBuf> {
-    loaded.settings.host.plugins.clone().context(
+    let dir = loaded.settings.host.plugins.clone().context(
         "no plugin directory: pass --plugins DIR (or set host.plugins in the config file, \
          REBOUND_HOST__PLUGINS in the environment)",
-    )
+    )?;
+    Ok(std::fs::canonicalize(&dir).unwrap_or(dir))
 }
 
-/// How many `.wasm` files `dir` holds (0 when it cannot be read; loading says why).
 /// Instances the pool keeps slots for: every plugin's concurrency (its manifest's, else the
 /// host's) added up, and room for one more plugin of the host's concurrency, which a reload
 /// may bring. Attempts beyond the pool wait for a slot.
@@ -651,8 +654,15 @@ async fn run(store: SharedStore, loaded: &Loaded) -> anyhow::Result<()> {
         }
     }
     if plugins.is_empty() {
+        if errors.is_empty() {
+            bail!(
+                "no plugins in {} (expected NAME.wasm components)",
+                dir.display()
+            );
+        }
         bail!(
-            "no plugin could be loaded from {} (expected NAME.wasm components)",
+            "none of the {} plugin files in {} loaded (the errors above say why)",
+            errors.len(),
             dir.display()
         );
     }
@@ -1019,7 +1029,10 @@ fn describe(task: &Task) -> String {
     line("progress", &format!("{}%", task.progress));
     line("params", &task.params);
     if let Some(gpu) = &task.gpu {
-        line("gpu", &format!("needs {gpu} (over its plugin's manifest)"));
+        line(
+            "gpu",
+            &format!("needs {gpu} (set at submission, overriding its plugin's manifest)"),
+        );
     }
     line("created", &timestamp(task.created_ms));
     if matches!(task.state, TaskState::Pending | TaskState::Retrying) {
@@ -1155,6 +1168,9 @@ fn show_config(loaded: &Loaded, json: bool) -> anyhow::Result<()> {
 #[derive(Debug, serde::Serialize)]
 struct PluginCheck {
     name: Option<String>,
+    /// The queue it serves, and its version (content hash prefix), when it loaded.
+    queue: Option<String>,
+    version: Option<String>,
     path: PathBuf,
     loaded: bool,
     gpu: Option<GpuRequirement>,
@@ -1169,6 +1185,8 @@ async fn check_plugins(loaded: &Loaded, json: bool) -> anyhow::Result<()> {
         .iter()
         .map(|plugin| PluginCheck {
             name: Some(plugin.name().to_owned()),
+            queue: Some(plugin.queue().to_owned()),
+            version: Some(plugin.version().to_owned()),
             path: plugin.path().to_owned(),
             loaded: true,
             gpu: plugin.gpu(),
@@ -1183,6 +1201,8 @@ async fn check_plugins(loaded: &Loaded, json: bool) -> anyhow::Result<()> {
         };
         checks.push(PluginCheck {
             name: None,
+            queue: None,
+            version: None,
             path,
             loaded: false,
             gpu: None,
@@ -1204,16 +1224,23 @@ async fn check_plugins(loaded: &Loaded, json: bool) -> anyhow::Result<()> {
         for check in &checks {
             let line = match (&check.error, &check.gpu) {
                 (Some(error), _) => format!("FAILED {}: {error}", check.path.display()),
-                (None, Some(gpu)) => format!(
-                    "ok     {:<20} {}  (needs a GPU: {gpu})",
-                    check.name.as_deref().unwrap_or(""),
-                    check.path.display()
-                ),
-                (None, None) => format!(
-                    "ok     {:<20} {}",
-                    check.name.as_deref().unwrap_or(""),
-                    check.path.display()
-                ),
+                (None, gpu) => {
+                    let name = check.name.as_deref().unwrap_or("");
+                    let queue = check.queue.as_deref().unwrap_or("");
+                    let serves = if queue == name {
+                        String::new()
+                    } else {
+                        format!("  (serves queue {queue})")
+                    };
+                    let needs = gpu
+                        .map(|gpu| format!("  (needs a GPU: {gpu})"))
+                        .unwrap_or_default();
+                    format!(
+                        "ok     {name:<20} {}  {}{serves}{needs}",
+                        check.version.as_deref().unwrap_or(""),
+                        check.path.display()
+                    )
+                }
             };
             emit(&line)?;
             for warning in &check.warnings {

@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use notify::{RecursiveMode, Watcher};
+use notify::event::{AccessKind, AccessMode, ModifyKind};
+use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
@@ -56,14 +57,20 @@ impl Drop for DirectoryWatch {
 /// Starts following `dir`: every change to a plugin file there is loaded into `live`.
 pub fn watch_dir(dir: &Path, loader: Loader, live: LivePlugins) -> anyhow::Result<DirectoryWatch> {
     let (events, mut changes) = mpsc::unbounded_channel::<PathBuf>();
+    let given = dir.to_owned();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         match event {
-            Ok(event) => {
+            Ok(event) if changes_content(&event.kind) => {
                 for path in event.paths {
-                    // The receiver is gone only when the host is stopping.
-                    let _ = events.send(path);
+                    // A plugin is known by its path under the directory as it was given
+                    // (say, relative), while events may name it otherwise (absolute).
+                    if let Some(name) = path.file_name() {
+                        // The receiver is gone only when the host is stopping.
+                        let _ = events.send(given.join(name));
+                    }
                 }
             }
+            Ok(_) => {}
             Err(err) => warn!(error = %err, "watching the plugin directory failed"),
         }
     })
@@ -90,6 +97,19 @@ pub fn watch_dir(dir: &Path, loader: Loader, live: LivePlugins) -> anyhow::Resul
         _watcher: watcher,
         task,
     })
+}
+
+/// Whether an event may have changed what a file holds: it was created, written (closed
+/// after writing, which `touch` does too), renamed or removed. Reads and opens do not count
+/// (loading a plugin reads its file), nor do changes of permissions or times alone.
+fn changes_content(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Create(_) | EventKind::Remove(_) => true,
+        EventKind::Modify(ModifyKind::Metadata(_)) => false,
+        EventKind::Modify(_) => true,
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) | EventKind::Any | EventKind::Other => false,
+    }
 }
 
 /// The plugin file a changed path belongs to: itself for `NAME.wasm`, `NAME.wasm` for its

@@ -4,6 +4,7 @@
 //! removed file stops its queue.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rebound::backoff::RetryPolicy;
@@ -77,6 +78,15 @@ async fn plugins_change_under_a_running_host() {
     assert_eq!(result(&store, &early).await["spun_ms"], 10);
     let first = host.plugins().get("slow").unwrap().version().to_owned();
 
+    // Reading a plugin file (a backup, a checksum, `rebound plugins`) changes nothing.
+    let loaded = host.plugins().get("slow").unwrap();
+    std::fs::read(dir.join("slow.wasm")).unwrap();
+    tokio::time::sleep(rebound::reload::SETTLE * 4).await;
+    assert!(
+        Arc::ptr_eq(&loaded, &host.plugins().get("slow").unwrap()),
+        "a read reloaded the plugin"
+    );
+
     // A changed file while an attempt runs: the attempt finishes on the old code, and the
     // next claim runs the new code (echo returns its parameters).
     let running = submit(&store, "slow", json!({ "ms": 4000 })).await;
@@ -128,6 +138,31 @@ async fn plugins_change_under_a_running_host() {
     })
     .await;
 
+    // A manifest changing the concurrency: new claims follow it, one attempt at a time.
+    std::fs::write(dir.join("slow.toml"), "concurrency = 1\n").unwrap();
+    until(&host, "loaded the manifest", |set| {
+        set.get("slow")
+            .is_some_and(|plugin| plugin.concurrency() == Some(1))
+    })
+    .await;
+    let one = submit(&store, "slow", json!({ "ms": 300, "sleep": true })).await;
+    let two = submit(&store, "slow", json!({ "ms": 300, "sleep": true })).await;
+    result(&store, &one).await;
+    result(&store, &two).await;
+    let (one, two) = (
+        store.store.get(&one).await.unwrap().unwrap(),
+        store.store.get(&two).await.unwrap().unwrap(),
+    );
+    let (first_done, second_start) = if one.started_ms <= two.started_ms {
+        (one.finished_ms.unwrap(), two.started_ms.unwrap())
+    } else {
+        (two.finished_ms.unwrap(), one.started_ms.unwrap())
+    };
+    assert!(
+        second_start >= first_done,
+        "ran side by side under concurrency = 1: {one:#?} {two:#?}"
+    );
+
     // Removed: the queue is no longer served, and its tasks wait for a host that serves it.
     std::fs::remove_file(dir.join("slow.wasm")).unwrap();
     until(&host, "dropped the removed plugin", |set| {
@@ -143,4 +178,65 @@ async fn plugins_change_under_a_running_host() {
     let echo = submit(&store, "echo", json!({ "echo": 1 })).await;
     assert_eq!(result(&store, &echo).await, json!({ "echo": 1 }));
     host.shutdown().await;
+}
+
+/// A plugin directory given as a relative path (as in `rebound run --plugins my-plugins`)
+/// reloads in place: the watch's absolute paths are matched with the plugins' own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relative_plugin_directory_reloads_in_place() {
+    rebound_tests::init_logging();
+    let absolute = tempfile::tempdir_in(".").unwrap();
+    let relative = Path::new(absolute.path().file_name().unwrap());
+    assert!(relative.is_relative());
+    install(relative, "echo", "echo");
+    let config = test_config();
+    let runtime = Arc::new(rebound::runtime::Runtime::new(config.limits.clone()).unwrap());
+    let (set, errors) = rebound::runtime::PluginSet::load_dir(
+        &runtime,
+        relative,
+        &config.retry,
+        &Default::default(),
+    )
+    .unwrap();
+    assert!(errors.is_empty(), "{errors:?}");
+    let first = set.get("echo").unwrap().version().to_owned();
+    let live = rebound::runtime::plugin::LivePlugins::new(set);
+    let loader = rebound::reload::Loader {
+        runtime,
+        retry: config.retry.clone(),
+        host_gpu: Default::default(),
+    };
+    let _watch = rebound::reload::watch_dir(relative, loader, live.clone()).unwrap();
+
+    install(relative, "echo", "flaky");
+    let started = Instant::now();
+    while live
+        .get("echo")
+        .is_some_and(|plugin| plugin.version() == first)
+    {
+        assert!(
+            started.elapsed() < LIMIT,
+            "the changed file was never loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let set = live.current();
+    assert_eq!(set.queues().collect::<Vec<_>>(), ["echo"]);
+    assert_eq!(
+        set.failures().count(),
+        0,
+        "{:?}",
+        set.failures().collect::<Vec<_>>()
+    );
+    assert_eq!(set.get("echo").unwrap().path(), relative.join("echo.wasm"));
+
+    std::fs::remove_file(relative.join("echo.wasm")).unwrap();
+    let started = Instant::now();
+    while live.get("echo").is_some() {
+        assert!(
+            started.elapsed() < LIMIT,
+            "the removed file was never dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
