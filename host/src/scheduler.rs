@@ -321,6 +321,40 @@ struct QueueWorker {
     submitted: Arc<Notify>,
 }
 
+/// The size of a worker's slot semaphore, changed when its plugin's concurrency is. A
+/// smaller size takes slots out as they come free, so running attempts are never cut short.
+#[derive(Debug)]
+struct SlotCapacity {
+    /// Slots the worker means to have.
+    size: usize,
+    /// Slots still to be taken out (they were in use when the size went down).
+    owed: usize,
+}
+
+impl SlotCapacity {
+    fn new(size: usize) -> Self {
+        SlotCapacity { size, owed: 0 }
+    }
+
+    /// Makes `slots` hold `wanted` permits in all, as far as free ones allow now; the rest
+    /// are taken out at later calls.
+    fn resize(&mut self, slots: &Semaphore, wanted: usize) {
+        if wanted > self.size {
+            let mut more = wanted - self.size;
+            let repaid = more.min(self.owed);
+            self.owed -= repaid;
+            more -= repaid;
+            slots.add_permits(more);
+        } else {
+            self.owed += self.size - wanted;
+        }
+        self.size = wanted;
+        if self.owed > 0 {
+            self.owed -= slots.forget_permits(self.owed);
+        }
+    }
+}
+
 /// When the gate first and last refused a task, for the time it spent waiting.
 #[derive(Debug, Clone, Copy)]
 struct Held {
@@ -353,11 +387,15 @@ impl QueueWorker {
         let queue = self.queue.as_str();
         let mut claim_errors = 0u32;
         let mut held: HashMap<String, Held> = HashMap::new();
+        let mut capacity = SlotCapacity::new(self.slots.available_permits());
         while !*stop.borrow() {
             let Some(plugin) = self.plugins.get(queue) else {
                 info!(%queue, "no plugin serves the queue any more: no new claims");
                 break;
             };
+            // A reload may have changed the plugin's concurrency.
+            let wanted = plugin.concurrency().unwrap_or(self.config.concurrency);
+            capacity.resize(&self.slots, wanted);
             // Wait for a free slot first, so nothing is claimed that cannot start at once.
             let first = tokio::select! {
                 permit = self.slots.clone().acquire_owned() => permit.expect("never closed"),
@@ -621,6 +659,7 @@ impl QueueWorker {
             lease: self.config.lease,
             stop,
             gpu,
+            wake: self.submitted.clone(),
         };
         async move {
             ctx.run(task).await;
@@ -643,6 +682,8 @@ struct AttemptContext {
     stop: watch::Receiver<bool>,
     /// The GPU the gate admitted the task to, if it needs one.
     gpu: Option<u32>,
+    /// Wakes the queue's worker: used when a retry this attempt scheduled comes due.
+    wake: Arc<Notify>,
 }
 
 impl AttemptContext {
@@ -813,6 +854,16 @@ impl AttemptContext {
             }
         };
         self.record_failure(attempt, &failure).await;
+        if let NextStep::RetryIn(delay) = failure.next {
+            // Wake the worker when the retry comes due rather than at its next poll, a poll
+            // interval later at worst. The store set the due time while recording, so a
+            // timer started now ends after it.
+            let wake = self.wake.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                wake.notify_one();
+            });
+        }
     }
 
     /// Whether the attempt ends by handing the task back uncharged rather than by recording
@@ -899,5 +950,44 @@ where
             }
             other => return other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_capacity_follows_the_wanted_size_without_cutting_running_attempts() {
+        let slots = Arc::new(Semaphore::new(4));
+        let mut capacity = SlotCapacity::new(4);
+        let running: Vec<_> = (0..3)
+            .map(|_| slots.clone().try_acquire_owned().unwrap())
+            .collect();
+
+        // Down to 2 while 3 run: the one free slot goes now, two more as attempts end.
+        capacity.resize(&slots, 2);
+        assert_eq!(slots.available_permits(), 0);
+        drop(running);
+        assert_eq!(slots.available_permits(), 3);
+        capacity.resize(&slots, 2);
+        assert_eq!(slots.available_permits(), 2);
+
+        // Up to 5, then back to 1 with nothing running.
+        capacity.resize(&slots, 5);
+        assert_eq!(slots.available_permits(), 5);
+        capacity.resize(&slots, 1);
+        assert_eq!(slots.available_permits(), 1);
+
+        // Up again while slots are still owed: what is owed is cancelled first.
+        let held: Vec<_> = (0..1)
+            .map(|_| slots.clone().try_acquire_owned().unwrap())
+            .collect();
+        capacity.resize(&slots, 0);
+        assert_eq!(capacity.owed, 1);
+        capacity.resize(&slots, 3);
+        assert_eq!(capacity.owed, 0);
+        drop(held);
+        assert_eq!(slots.available_permits(), 3);
     }
 }
