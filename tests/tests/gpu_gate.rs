@@ -8,7 +8,9 @@ use rebound::config::HostConfig;
 use rebound::gpu::{GpuGate, GpuRequirement};
 use rebound::task::{NewTask, Task, TaskState};
 use rebound_tests::gpu::{ScriptedProbe, gpu};
-use rebound_tests::{Backend, HostSetup, TestHost, TestStore, test_config, wait_until_final};
+use rebound_tests::{
+    Backend, HostSetup, TestHost, TestStore, test_config, wait_for, wait_until_final,
+};
 use serde_json::{Value, json};
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -204,8 +206,16 @@ async fn without_a_gpu_gpu_tasks_wait_and_the_rest_run(backend: Backend) {
 
     tokio::time::sleep(Duration::from_secs(5)).await;
     for held in &gated {
-        let task = ts.store.get(&held.id).await.unwrap().unwrap();
-        assert_eq!(task.state, TaskState::Pending, "{task:#?}");
+        // Every gate interval the host claims a held task again and hands it back at once,
+        // so a read may catch it in between; it must come back to pending, uncharged.
+        let task = wait_for(
+            ts.store.as_ref(),
+            &held.id,
+            Duration::from_secs(2),
+            |task| task.state == TaskState::Pending,
+        )
+        .await
+        .unwrap();
         assert_eq!(
             task.attempt, 0,
             "5 s at a closed gate cost nothing: {task:#?}"

@@ -302,12 +302,20 @@ impl CapabilitiesSection {
 
 /// `host:port`, lowercased, as an HTTP request's authority is compared with it.
 fn parse_authority(entry: &str) -> Result<String, &'static str> {
+    if entry.contains("://") || entry.contains('/') {
+        return Err("a URL: give only its host and port, say `models.internal:443`");
+    }
     let (host, port) = entry.rsplit_once(':').ok_or("no port")?;
-    if host.is_empty() || host.contains('/') || host.contains('@') {
+    if host.is_empty() || host.contains('@') || host.chars().any(char::is_whitespace) {
         return Err("no host name");
     }
-    port.parse::<u16>()
-        .map_err(|_| "the port is not 0 to 65535")?;
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err("an IPv6 address must be in brackets, say `[::1]:8080`");
+    }
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => return Err("the port is not 1 to 65535"),
+        Ok(_) => {}
+    }
     Ok(entry.to_ascii_lowercase())
 }
 
@@ -451,6 +459,16 @@ mod tests {
             ("[capabilities]\nenv = [\"A=B\"]\n", "env"),
             ("[capabilities]\nhttp = [\"example.com\"]\n", "example.com"),
             ("[capabilities]\nhttp = [\"example.com:http\"]\n", "http"),
+            ("[capabilities]\nhttp = [\"example.com:0\"]\n", "1 to 65535"),
+            (
+                "[capabilities]\nhttp = [\"exa mple.com:80\"]\n",
+                "no host name",
+            ),
+            ("[capabilities]\nhttp = [\"::1:8080\"]\n", "in brackets"),
+            (
+                "[capabilities]\nhttp = [\"http://example.com/\"]\n",
+                "a URL",
+            ),
             ("[capabilities]\nfiles = [\"/etc\"]\n", "files"),
         ];
         for (text, key) in cases {

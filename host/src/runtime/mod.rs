@@ -169,7 +169,9 @@ enum Interrupt {
 impl fmt::Display for Interrupt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Interrupt::Timeout(limit) => write!(f, "timed out after {limit:?} (exec_timeout)"),
+            Interrupt::Timeout(limit) => {
+                write!(f, "timed out after {limit:?} (limits.exec_timeout_ms)")
+            }
             Interrupt::Cancelled => f.write_str("canceled while running"),
         }
     }
@@ -606,7 +608,7 @@ fn classify_trap(err: &wasmtime::Error, elapsed: Duration) -> (TrapReason, Strin
             _ => TrapReason::Trap,
         };
         let what = match reason {
-            TrapReason::OutOfFuel => "ran out of fuel".to_owned(),
+            TrapReason::OutOfFuel => "ran out of fuel (limits.fuel)".to_owned(),
             TrapReason::StackOverflow => "overflowed its stack".to_owned(),
             TrapReason::GuestPanic => "panicked (wasm `unreachable`)".to_owned(),
             _ => format!("trapped: {trap}"),
@@ -630,7 +632,7 @@ fn classify_trap(err: &wasmtime::Error, elapsed: Duration) -> (TrapReason, Strin
     if cause.contains("memory") && (cause.contains("grow") || cause.contains("limit")) {
         return (
             TrapReason::MemoryLimit,
-            format!("went over its memory limit: {cause}"),
+            format!("went over its memory limit (limits.memory_mb): {cause}"),
         );
     }
     (TrapReason::Trap, format!("failed: {cause}"))

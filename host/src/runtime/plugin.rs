@@ -70,19 +70,28 @@ impl Plugin {
     /// which the manifest's `[retry]` keys refine.
     pub fn load(runtime: &Runtime, path: &Path, retry: &RetryPolicy) -> anyhow::Result<Self> {
         let name = plugin_name(path)?;
-        let manifest = Manifest::for_plugin(path).with_context(|| format!("plugin {name}"))?;
+        let mut manifest = Manifest::for_plugin(path).with_context(|| format!("plugin {name}"))?;
+        if manifest.queue.is_none() {
+            validate_queue_name(&name).map_err(|err| {
+                anyhow!(
+                    "plugin {}: {err} (set `queue` in its manifest {} to serve another queue)",
+                    path.display(),
+                    manifest_path(path)
+                )
+            })?;
+        }
         let manifest_error = || format!("plugin {name}: manifest {}", manifest_path(path));
         let retry = manifest.retry_policy(retry).with_context(manifest_error)?;
         let limits = manifest
             .sandbox_limits(runtime.limits())
             .with_context(manifest_error)?;
         let (grants, missing) = Grants::resolve(&manifest.capabilities);
+        // Logged, and shown by `rebound plugins`, with the manifest's own warnings.
         for variable in missing {
-            tracing::warn!(
-                plugin = %name,
-                %variable,
-                "granted environment variable is not set on this host; the plugin will not see it"
-            );
+            manifest.warnings.push(format!(
+                "granted environment variable {variable} is not set on this host; the plugin \
+                 will not see it"
+            ));
         }
 
         let bytes = std::fs::read(path)
@@ -209,13 +218,12 @@ fn manifest_path(wasm: &Path) -> String {
     super::manifest::manifest_path(wasm).display().to_string()
 }
 
-/// The plugin name for a `NAME.wasm` path, checked to be a valid queue name.
+/// The plugin name for a `NAME.wasm` path (also its queue, unless the manifest names one).
 fn plugin_name(path: &Path) -> anyhow::Result<String> {
     let stem = path
         .file_stem()
         .and_then(|stem| stem.to_str())
         .ok_or_else(|| anyhow!("plugin {}: file name is not UTF-8", path.display()))?;
-    validate_queue_name(stem).map_err(|err| anyhow!("plugin {}: {err}", path.display()))?;
     Ok(stem.to_owned())
 }
 

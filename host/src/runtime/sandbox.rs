@@ -167,8 +167,8 @@ impl ResourceLimiter for MemoryBudget {
         let total = self.used.saturating_sub(current) + desired;
         if total > self.cap {
             wasmtime::bail!(
-                "growing a memory to {desired} bytes would take the instance's memories to \
-                 {total} bytes, over the cap of {} bytes",
+                "growing a memory from {current} to {desired} bytes would take the \
+                 instance's memories to {total} bytes, over the cap of {} bytes",
                 self.cap
             );
         }
