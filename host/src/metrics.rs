@@ -83,7 +83,8 @@ fn describe() {
     describe_counter!(
         ATTEMPTS,
         "Attempts that ended, by queue and outcome (completed, retry, failed, timeout, \
-         out_of_fuel, memory_limit, stack_overflow, guest_panic, trap, canceled, lease_lost)"
+         out_of_fuel, memory_limit, stack_overflow, guest_panic, host_limit, trap, canceled, \
+         lease_lost)"
     );
     describe_histogram!(
         TASK_DURATION,
