@@ -224,7 +224,12 @@ async fn hostile_plugins_end_with_the_right_reason_and_the_host_recovers() {
     still_serving(&store, "deep recursion").await;
 
     let panic = run(&store, "hostile", hostile("panic", 1), 0).await;
-    assert_stopped(&panic, "guest_panic", "");
+    // The guest's panic message, from its stderr, is in the task's error.
+    assert_stopped(
+        &panic,
+        "guest_panic",
+        "hostile plugin panics as asked (n = 1)",
+    );
     still_serving(&store, "a panic").await;
 
     let huge = run(&store, "hostile", hostile("output", 100_000_000), 0).await;

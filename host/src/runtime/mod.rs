@@ -471,7 +471,12 @@ impl Runtime {
             },
             Ok(Err(failure)) => AttemptOutcome::Failed(failure),
             Err(err) => {
-                let (reason, message) = classify_trap(&err, started.elapsed());
+                let (reason, mut message) = classify_trap(&err, started.elapsed());
+                if reason == TrapReason::GuestPanic
+                    && let Some(panic) = signals.panic_message()
+                {
+                    message = format!("{message}: {panic}");
+                }
                 AttemptOutcome::Trapped { reason, message }
             }
         }

@@ -37,6 +37,23 @@ struct OutputState {
     kept: usize,
     /// Bytes thrown away past the limit.
     dropped: usize,
+    /// The last complete lines, up to [`TAIL_BYTES`], for an error message (a panic's).
+    tail: std::collections::VecDeque<String>,
+    tail_bytes: usize,
+}
+
+/// How much of the end of a stream is kept for error messages.
+const TAIL_BYTES: usize = 2048;
+
+impl OutputState {
+    fn keep_in_tail(&mut self, line: String) {
+        self.tail_bytes += line.len();
+        self.tail.push_back(line);
+        while self.tail_bytes > TAIL_BYTES && self.tail.len() > 1 {
+            let dropped = self.tail.pop_front().expect("not empty");
+            self.tail_bytes -= dropped.len();
+        }
+    }
 }
 
 impl GuestOutput {
@@ -59,13 +76,11 @@ impl GuestOutput {
 
         for &byte in kept {
             if byte == b'\n' {
-                self.log_line(&state.partial);
-                state.partial.clear();
+                self.end_line(&mut state);
             } else {
                 state.partial.push(byte);
                 if state.partial.len() >= MAX_LINE_BYTES {
-                    self.log_line(&state.partial);
-                    state.partial.clear();
+                    self.end_line(&mut state);
                 }
             }
         }
@@ -76,8 +91,7 @@ impl GuestOutput {
     pub fn finish(&self) {
         let mut state = self.state.lock().expect("poisoned");
         if !state.partial.is_empty() {
-            self.log_line(&state.partial);
-            state.partial.clear();
+            self.end_line(&mut state);
         }
         if state.dropped > 0 {
             tracing::warn!(
@@ -91,9 +105,18 @@ impl GuestOutput {
         }
     }
 
-    fn log_line(&self, line: &[u8]) {
-        let line = String::from_utf8_lossy(line);
+    /// The last lines written, oldest first (at most about 2 KiB).
+    pub fn tail(&self) -> Vec<String> {
+        let state = self.state.lock().expect("poisoned");
+        state.tail.iter().cloned().collect()
+    }
+
+    /// Logs the line being written and keeps it in the tail.
+    fn end_line(&self, state: &mut OutputState) {
+        let line = String::from_utf8_lossy(&state.partial).into_owned();
+        state.partial.clear();
         tracing::info!(target: "rebound::guest", stream = self.name, "{line}");
+        state.keep_in_tail(line);
     }
 }
 
@@ -168,5 +191,20 @@ mod tests {
         assert_eq!(state.dropped, "first line\nsecond line\n".len());
         // The kept part of the long run was logged in lines of at most MAX_LINE_BYTES.
         assert!(state.partial.len() < MAX_LINE_BYTES);
+    }
+
+    #[test]
+    fn the_tail_holds_the_last_lines() {
+        let out = GuestOutput::new("stderr");
+        for n in 0..1000 {
+            out.accept(format!("line {n}\n").as_bytes());
+        }
+        out.accept(b"unfinished");
+        out.finish();
+        let tail = out.tail();
+        assert_eq!(tail.last().map(String::as_str), Some("unfinished"));
+        assert_eq!(tail[tail.len() - 2], "line 999");
+        assert!(tail.iter().map(String::len).sum::<usize>() <= TAIL_BYTES);
+        assert!(tail.len() > 100, "{}", tail.len());
     }
 }

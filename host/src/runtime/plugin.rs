@@ -236,6 +236,25 @@ pub struct PluginSet {
     failed: BTreeMap<PathBuf, String>,
 }
 
+/// Warns of each `NAME.toml` in `dir` without a `NAME.wasm` beside it: a misspelt manifest
+/// would otherwise be ignored without a word.
+fn warn_of_lone_manifests(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for path in entries.filter_map(|entry| entry.ok().map(|entry| entry.path())) {
+        if path.extension().is_some_and(|ext| ext == "toml")
+            && !path.with_extension("wasm").exists()
+        {
+            tracing::warn!(
+                manifest = %path.display(),
+                "manifest without a plugin beside it (no {}); it is not used",
+                path.with_extension("wasm").display()
+            );
+        }
+    }
+}
+
 /// The `*.wasm` files of `dir`, sorted.
 pub fn plugin_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let entries = std::fs::read_dir(dir)
@@ -261,6 +280,7 @@ impl PluginSet {
     ) -> anyhow::Result<(PluginSet, Vec<anyhow::Error>)> {
         let mut set = PluginSet::default();
         let mut errors = Vec::new();
+        warn_of_lone_manifests(dir);
         for path in plugin_files(dir)? {
             if let Err(err) = set.load_file(runtime, &path, retry, host_gpu) {
                 errors.push(err);

@@ -53,9 +53,26 @@ struct Signals {
     /// Wakes the runtime when `interrupt` is set, for a guest blocked in a host call.
     interrupted: Notify,
     progress: AtomicU8,
+    /// The last lines of the guest's stderr, once the call has returned.
+    stderr_tail: std::sync::Mutex<Vec<String>>,
 }
 
 impl AttemptSignals {
+    /// What a Rust guest's panic printed to stderr (the location and the message, on one
+    /// line), once the call has returned; `None` when it printed no panic.
+    pub fn panic_message(&self) -> Option<String> {
+        let tail = self.inner.stderr_tail.lock().expect("poisoned");
+        let start = tail
+            .iter()
+            .rposition(|line| line.contains(" panicked at "))?;
+        let lines: Vec<&str> = tail[start..]
+            .iter()
+            .map(|line| line.trim())
+            .filter(|line| !line.is_empty() && !line.starts_with("note: run with `RUST_BACKTRACE"))
+            .collect();
+        Some(lines.join(" "))
+    }
+
     /// Signals for an attempt of a task whose stored progress is `progress`.
     pub fn new(progress: u8) -> Self {
         let signals = AttemptSignals::default();
@@ -339,6 +356,7 @@ impl AttemptState {
     pub fn flush_output(&self) {
         self.stdout.finish();
         self.stderr.finish();
+        *self.signals.inner.stderr_tail.lock().expect("poisoned") = self.stderr.tail();
     }
 }
 
