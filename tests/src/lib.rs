@@ -51,6 +51,17 @@ pub fn plugin_dir(names: &[&str]) -> TempDir {
     dir
 }
 
+/// This process's resident set, in MiB (Linux: from `/proc/self/status`).
+pub fn rss_mib() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let kib: usize = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS in /proc/self/status");
+    kib / 1024
+}
+
 /// Sends test logs to the test harness's captured output; `RUST_LOG` sets the level.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -17,22 +17,11 @@ use rebound::config::HostConfig;
 use rebound::runtime::{PluginSet, Runtime, SandboxLimits};
 use rebound::task::{NewTask, Task, TaskState};
 use rebound_tests::{
-    Backend, HostSetup, TestHost, TestStore, plugin_dir, test_config, wait_until_final,
+    Backend, HostSetup, TestHost, TestStore, plugin_dir, rss_mib, test_config, wait_until_final,
 };
 use serde_json::{Value, json};
 
 const MIB: usize = 1024 * 1024;
-
-/// This process's resident set, in MiB.
-fn rss_mib() -> usize {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kib: usize = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .expect("VmRSS in /proc/self/status");
-    kib / 1024
-}
 
 /// A small HTTP server of the test's own: `/ok` answers 200, `/busy-once` answers 503 the
 /// first time and 200 after; it counts the requests it got.

@@ -9,21 +9,10 @@ use rebound::backoff::RetryPolicy;
 use rebound::config::HostConfig;
 use rebound::runtime::SandboxLimits;
 use rebound::task::{NewTask, TaskState};
-use rebound_tests::{Backend, TestHost, TestStore, test_config, wait_until_final};
+use rebound_tests::{Backend, TestHost, TestStore, rss_mib, test_config, wait_until_final};
 use serde_json::Value;
 
 const MIB: usize = 1024 * 1024;
-
-/// This process's resident set, in MiB.
-fn rss_mib() -> usize {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kib: usize = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .expect("VmRSS in /proc/self/status");
-    kib / 1024
-}
 
 /// Submits `params` to `queue` with no retries and waits until the task has ended.
 async fn run_once(store: &TestStore, queue: &str, params: &str) -> rebound::task::Task {
