@@ -20,7 +20,7 @@ use anyhow::Context;
 use notify::event::{AccessKind, AccessMode, ModifyKind};
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::backoff::RetryPolicy;
 use crate::gpu::GpuRequirement;
@@ -88,7 +88,21 @@ pub fn watch_dir(dir: &Path, loader: Loader, live: LivePlugins) -> anyhow::Resul
             }
             let plugins: BTreeSet<PathBuf> =
                 touched.iter().filter_map(|p| plugin_file(p)).collect();
-            for wasm in plugins {
+            // Removals first, so that a plugin renamed with its queue finds the queue free;
+            // then loads, and once more the loads refused, which may have waited on a queue
+            // another file of the same change gave up.
+            let (gone, changed): (Vec<PathBuf>, Vec<PathBuf>) =
+                plugins.into_iter().partition(|wasm| !wasm.exists());
+            for wasm in gone {
+                reload_one(&loader, &live, wasm).await;
+            }
+            let mut refused = Vec::new();
+            for wasm in changed {
+                if !reload_one(&loader, &live, wasm.clone()).await {
+                    refused.push(wasm);
+                }
+            }
+            for wasm in refused {
                 reload_one(&loader, &live, wasm).await;
             }
         }
@@ -122,8 +136,9 @@ fn plugin_file(path: &Path) -> Option<PathBuf> {
     }
 }
 
-/// Loads, replaces or drops the plugin of `wasm` after a change.
-async fn reload_one(loader: &Loader, live: &LivePlugins, wasm: PathBuf) {
+/// Loads, replaces or drops the plugin of `wasm` after a change. Returns false when the
+/// file was there but did not load.
+async fn reload_one(loader: &Loader, live: &LivePlugins, wasm: PathBuf) -> bool {
     if !wasm.exists() {
         if let Some(gone) = live.update(|set| set.remove_file(&wasm)) {
             info!(
@@ -133,7 +148,7 @@ async fn reload_one(loader: &Loader, live: &LivePlugins, wasm: PathBuf) {
                 "plugin file removed: its queue takes no new tasks here"
             );
         }
-        return;
+        return true;
     }
     let before = live.current();
     let previous = before.iter().find(|plugin| plugin.path() == wasm).cloned();
@@ -164,11 +179,21 @@ async fn reload_one(loader: &Loader, live: &LivePlugins, wasm: PathBuf) {
                 old.version() == plugin.version() && old.manifest() == plugin.manifest()
             });
             if unchanged {
-                // Touched, not changed.
-                return;
+                debug!(
+                    plugin = plugin.name(),
+                    version = plugin.version(),
+                    "plugin file touched, not changed"
+                );
+                return true;
             }
             metrics::plugin_loaded(plugin.name(), plugin.version());
             match previous {
+                Some(old) if old.version() == plugin.version() => info!(
+                    plugin = plugin.name(),
+                    queue = plugin.queue(),
+                    version = plugin.version(),
+                    "plugin manifest reloaded: new tasks run under it"
+                ),
                 Some(old) => info!(
                     plugin = plugin.name(),
                     queue = plugin.queue(),
@@ -186,6 +211,7 @@ async fn reload_one(loader: &Loader, live: &LivePlugins, wasm: PathBuf) {
             for warning in &plugin.manifest().warnings {
                 warn!(plugin = plugin.name(), "{warning}");
             }
+            true
         }
         Err(err) => {
             metrics::plugin_load_failed();
@@ -196,6 +222,7 @@ async fn reload_one(loader: &Loader, live: &LivePlugins, wasm: PathBuf) {
                 ),
                 None => error!("{err:#}"),
             }
+            false
         }
     }
 }

@@ -611,22 +611,27 @@ impl QueueWorker {
         }
         let all_done = async { while attempts.join_next().await.is_some() {} };
         let mut hurry = self.hurry.clone();
+        // Whether the grace period ran out (rather than being cut short).
         let grace_over = async {
             tokio::select! {
-                _ = tokio::time::sleep(self.config.shutdown_grace) => {}
-                _ = hurry.wait_for(|hurry| *hurry) => {}
+                _ = tokio::time::sleep(self.config.shutdown_grace) => true,
+                _ = hurry.wait_for(|hurry| *hurry) => false,
             }
         };
-        tokio::select! {
+        let ran_out = tokio::select! {
             _ = all_done => return,
-            _ = grace_over => {}
-        }
+            ran_out = grace_over => ran_out,
+        };
         let left = running();
-        warn!(
-            queue = %self.queue,
-            tasks = left.len(),
-            "shutdown grace period over, interrupting running tasks"
-        );
+        if ran_out {
+            warn!(
+                queue = %self.queue,
+                tasks = left.len(),
+                "shutdown grace period over, interrupting running tasks"
+            );
+        } else {
+            info!(queue = %self.queue, tasks = left.len(), "interrupting running tasks");
+        }
         for signals in left {
             signals.interrupt(InterruptCause::Shutdown);
         }

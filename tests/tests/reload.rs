@@ -240,3 +240,51 @@ async fn a_relative_plugin_directory_reloads_in_place() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A plugin renamed together with its manifest, which names its queue, goes on serving the
+/// queue: the old file gives the queue up before the new one takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_renamed_with_its_queue_keeps_serving_it() {
+    rebound_tests::init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    install(dir, "zz", "echo");
+    std::fs::write(dir.join("zz.toml"), "queue = \"job\"\n").unwrap();
+    let config = test_config();
+    let runtime = Arc::new(rebound::runtime::Runtime::new(config.limits.clone()).unwrap());
+    let (set, errors) =
+        rebound::runtime::PluginSet::load_dir(&runtime, dir, &config.retry, &Default::default())
+            .unwrap();
+    assert!(errors.is_empty(), "{errors:?}");
+    let live = rebound::runtime::plugin::LivePlugins::new(set);
+    let loader = rebound::reload::Loader {
+        runtime,
+        retry: config.retry.clone(),
+        host_gpu: Default::default(),
+    };
+    let _watch = rebound::reload::watch_dir(dir, loader, live.clone()).unwrap();
+
+    std::fs::rename(dir.join("zz.wasm"), dir.join("aa.wasm")).unwrap();
+    std::fs::rename(dir.join("zz.toml"), dir.join("aa.toml")).unwrap();
+    let started = Instant::now();
+    while live
+        .get("job")
+        .is_none_or(|plugin| plugin.path() != dir.join("aa.wasm"))
+    {
+        assert!(
+            started.elapsed() < LIMIT,
+            "queue job: {:?}",
+            live.get("job").map(|p| p.path().to_owned())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(rebound::reload::SETTLE * 2).await;
+    let set = live.current();
+    assert_eq!(set.queues().collect::<Vec<_>>(), ["job"]);
+    assert_eq!(
+        set.failures().count(),
+        0,
+        "{:?}",
+        set.failures().collect::<Vec<_>>()
+    );
+}

@@ -305,18 +305,39 @@ fn parse_authority(entry: &str) -> Result<String, &'static str> {
     if entry.contains("://") || entry.contains('/') {
         return Err("a URL: give only its host and port, say `models.internal:443`");
     }
-    let (host, port) = entry.rsplit_once(':').ok_or("no port")?;
+    let (host, port) = match entry.strip_prefix('[') {
+        Some(rest) => {
+            let (address, after) = rest.split_once(']').ok_or("an unclosed `[`")?;
+            let port = after.strip_prefix(':').ok_or("no port")?;
+            if address.is_empty() {
+                return Err("no host name");
+            }
+            (format!("[{address}]"), port)
+        }
+        None => {
+            let (host, port) = entry.rsplit_once(':').ok_or("no port")?;
+            if host.contains(':') {
+                return Err(
+                    "more than one `:`; an IPv6 address goes in brackets, say `[::1]:8080`",
+                );
+            }
+            (host.to_owned(), port)
+        }
+    };
     if host.is_empty() || host.contains('@') || host.chars().any(char::is_whitespace) {
         return Err("no host name");
     }
-    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
-        return Err("an IPv6 address must be in brackets, say `[::1]:8080`");
+    if host.contains('*') {
+        return Err("wildcards are not supported: list each host");
     }
+    // Digits only, no leading zero: the grant must read as requests' ports do.
+    let plain =
+        !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && !port.starts_with('0');
     match port.parse::<u16>() {
-        Ok(0) | Err(_) => return Err("the port is not 1 to 65535"),
-        Ok(_) => {}
+        Ok(_) if plain => {}
+        _ => return Err("the port is not 1 to 65535, written plainly"),
     }
-    Ok(entry.to_ascii_lowercase())
+    Ok(format!("{}:{port}", host.to_ascii_lowercase()))
 }
 
 #[cfg(test)]
@@ -461,10 +482,27 @@ mod tests {
             ("[capabilities]\nhttp = [\"example.com:http\"]\n", "http"),
             ("[capabilities]\nhttp = [\"example.com:0\"]\n", "1 to 65535"),
             (
+                "[capabilities]\nhttp = [\"127.0.0.1:018080\"]\n",
+                "1 to 65535",
+            ),
+            (
+                "[capabilities]\nhttp = [\"example.com:+80\"]\n",
+                "1 to 65535",
+            ),
+            (
+                "[capabilities]\nhttp = [\"*.example.com:443\"]\n",
+                "wildcards",
+            ),
+            ("[capabilities]\nhttp = [\"[::1]\"]\n", "no port"),
+            (
+                "[capabilities]\nhttp = [\"1.2.3.4:80:90\"]\n",
+                "more than one",
+            ),
+            (
                 "[capabilities]\nhttp = [\"exa mple.com:80\"]\n",
                 "no host name",
             ),
-            ("[capabilities]\nhttp = [\"::1:8080\"]\n", "in brackets"),
+            ("[capabilities]\nhttp = [\"::1:8080\"]\n", "brackets"),
             (
                 "[capabilities]\nhttp = [\"http://example.com/\"]\n",
                 "a URL",

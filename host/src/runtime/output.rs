@@ -111,10 +111,13 @@ impl GuestOutput {
         state.tail.iter().cloned().collect()
     }
 
-    /// Logs the line being written and keeps it in the tail.
+    /// Logs the line being written and keeps it in the tail; blank lines are skipped.
     fn end_line(&self, state: &mut OutputState) {
         let line = String::from_utf8_lossy(&state.partial).into_owned();
         state.partial.clear();
+        if line.trim().is_empty() {
+            return;
+        }
         tracing::info!(target: "rebound::guest", stream = self.name, "{line}");
         state.keep_in_tail(line);
     }
