@@ -8,6 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rebound::backoff::RetryPolicy;
+use rebound::reload::{DirectoryWatch, Loader, SETTLE, watch_dir};
+use rebound::runtime::plugin::LivePlugins;
+use rebound::runtime::{PluginSet, Runtime};
 use rebound::task::{NewTask, TaskState};
 use rebound_tests::{
     Backend, HostSetup, TestHost, TestStore, plugin_wasm, test_config, wait_for_state,
@@ -18,7 +21,7 @@ use serde_json::{Value, json};
 const LIMIT: Duration = Duration::from_secs(30);
 
 /// Waits until `check` holds for the host's plugins, failing after [`LIMIT`].
-async fn until(host: &TestHost, what: &str, check: impl Fn(&rebound::runtime::PluginSet) -> bool) {
+async fn until(host: &TestHost, what: &str, check: impl Fn(&PluginSet) -> bool) {
     let started = Instant::now();
     while !check(&host.plugins().current()) {
         assert!(started.elapsed() < LIMIT, "the host never {what}");
@@ -32,6 +35,24 @@ fn install(dir: &Path, name: &str, plugin: &str) {
     let staged = dir.join(format!(".{name}.wasm.new"));
     std::fs::copy(plugin_wasm(plugin), &staged).unwrap();
     std::fs::rename(&staged, dir.join(format!("{name}.wasm"))).unwrap();
+}
+
+/// The plugins of `dir`, loaded as a host loads them and followed by a directory watch (no
+/// scheduler: the tests look at the set itself).
+fn watched(dir: &Path) -> (LivePlugins, DirectoryWatch) {
+    let config = test_config();
+    let runtime = Arc::new(Runtime::new(config.limits.clone()).unwrap());
+    let (set, errors) =
+        PluginSet::load_dir(&runtime, dir, &config.retry, &Default::default()).unwrap();
+    assert!(errors.is_empty(), "{errors:?}");
+    let live = LivePlugins::new(set);
+    let loader = Loader {
+        runtime,
+        retry: config.retry,
+        host_gpu: Default::default(),
+    };
+    let watch = watch_dir(dir, loader, live.clone()).unwrap();
+    (live, watch)
 }
 
 async fn submit(store: &TestStore, queue: &str, params: Value) -> String {
@@ -81,7 +102,7 @@ async fn plugins_change_under_a_running_host() {
     // Reading a plugin file (a backup, a checksum, `rebound plugins`) changes nothing.
     let loaded = host.plugins().get("slow").unwrap();
     std::fs::read(dir.join("slow.wasm")).unwrap();
-    tokio::time::sleep(rebound::reload::SETTLE * 4).await;
+    tokio::time::sleep(SETTLE * 4).await;
     assert!(
         Arc::ptr_eq(&loaded, &host.plugins().get("slow").unwrap()),
         "a read reloaded the plugin"
@@ -189,24 +210,8 @@ async fn a_relative_plugin_directory_reloads_in_place() {
     let relative = Path::new(absolute.path().file_name().unwrap());
     assert!(relative.is_relative());
     install(relative, "echo", "echo");
-    let config = test_config();
-    let runtime = Arc::new(rebound::runtime::Runtime::new(config.limits.clone()).unwrap());
-    let (set, errors) = rebound::runtime::PluginSet::load_dir(
-        &runtime,
-        relative,
-        &config.retry,
-        &Default::default(),
-    )
-    .unwrap();
-    assert!(errors.is_empty(), "{errors:?}");
-    let first = set.get("echo").unwrap().version().to_owned();
-    let live = rebound::runtime::plugin::LivePlugins::new(set);
-    let loader = rebound::reload::Loader {
-        runtime,
-        retry: config.retry.clone(),
-        host_gpu: Default::default(),
-    };
-    let _watch = rebound::reload::watch_dir(relative, loader, live.clone()).unwrap();
+    let (live, _watch) = watched(relative);
+    let first = live.get("echo").unwrap().version().to_owned();
 
     install(relative, "echo", "flaky");
     let started = Instant::now();
@@ -250,19 +255,7 @@ async fn a_plugin_renamed_with_its_queue_keeps_serving_it() {
     let dir = dir.path();
     install(dir, "zz", "echo");
     std::fs::write(dir.join("zz.toml"), "queue = \"job\"\n").unwrap();
-    let config = test_config();
-    let runtime = Arc::new(rebound::runtime::Runtime::new(config.limits.clone()).unwrap());
-    let (set, errors) =
-        rebound::runtime::PluginSet::load_dir(&runtime, dir, &config.retry, &Default::default())
-            .unwrap();
-    assert!(errors.is_empty(), "{errors:?}");
-    let live = rebound::runtime::plugin::LivePlugins::new(set);
-    let loader = rebound::reload::Loader {
-        runtime,
-        retry: config.retry.clone(),
-        host_gpu: Default::default(),
-    };
-    let _watch = rebound::reload::watch_dir(dir, loader, live.clone()).unwrap();
+    let (live, _watch) = watched(dir);
 
     std::fs::rename(dir.join("zz.wasm"), dir.join("aa.wasm")).unwrap();
     std::fs::rename(dir.join("zz.toml"), dir.join("aa.toml")).unwrap();
@@ -278,7 +271,7 @@ async fn a_plugin_renamed_with_its_queue_keeps_serving_it() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(rebound::reload::SETTLE * 2).await;
+    tokio::time::sleep(SETTLE * 2).await;
     let set = live.current();
     assert_eq!(set.queues().collect::<Vec<_>>(), ["job"]);
     assert_eq!(
