@@ -630,6 +630,8 @@ async fn load_plugins(
 }
 
 async fn run(store: SharedStore, loaded: &Loaded) -> anyhow::Result<()> {
+    // From here on a signal stops the host cleanly (once it has started).
+    let shutdown = shutdown_signal();
     let config = loaded.host_config();
     // The recorder goes in before anything records, so no early figure is lost.
     let metrics = match loaded.settings.http.listen {
@@ -701,34 +703,45 @@ async fn run(store: SharedStore, loaded: &Loaded) -> anyhow::Result<()> {
     let scheduler =
         Scheduler::new(store, loader.runtime, plugins, config, host_id).with_gpu_gate(gate);
     // A second Ctrl-C (or SIGTERM) ends the grace period at once.
-    scheduler
-        .run_until(shutdown_signal(), shutdown_signal())
-        .await;
+    scheduler.run_until(shutdown, another_signal()).await;
     Ok(())
 }
 
-/// Completes on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Listens for Ctrl-C and SIGTERM from the moment it is called, not from its first poll,
+/// so that a signal arriving while the host starts is not lost to the default action (which
+/// would kill the host without handing its tasks back). Completes on the first of them.
+fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
+        let listening = signal(SignalKind::interrupt())
+            .and_then(|interrupt| Ok((interrupt, signal(SignalKind::terminate())?)));
+        async move {
+            match listening {
+                Ok((mut interrupt, mut terminate)) => {
+                    tokio::select! {
+                        _ = interrupt.recv() => {}
+                        _ = terminate.recv() => {}
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = ctrl_c.await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
+}
+
+/// Completes on a Ctrl-C or SIGTERM that arrives after its first poll (a second signal,
+/// once shutdown has begun).
+async fn another_signal() {
+    shutdown_signal().await;
 }
 
 fn hostname() -> String {

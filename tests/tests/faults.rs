@@ -324,3 +324,25 @@ fn a_task_delayed_past_the_lease_runs_once_with_two_hosts() {
     assert_eq!(runs.get(&id), Some(&1));
     eprintln!("task delayed 1 s past a 300 ms lease, two hosts: 1 execution");
 }
+
+/// SIGTERM while the host is still starting (its plugins loaded, its workers not yet
+/// running) stops it cleanly once it has started, rather than killing it by the signal's
+/// default action.
+#[test]
+fn sigterm_during_start_up_stops_the_host_cleanly() {
+    let redis = RedisServer::start().unwrap();
+    let rebound = Rebound::new(BIN, &["--redis", &redis.url()]);
+    let plugins = plugin_dir(&["echo", "sleepy"]);
+    let host = rebound.start_host(plugins.path(), &[]);
+    let started = std::time::Instant::now();
+    while !host.log().contains("plugin loaded") {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{}",
+            host.log()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let log = host.stop_with("TERM", Duration::from_secs(15));
+    assert!(log.contains("shutting down"), "{log}");
+}
