@@ -24,3 +24,23 @@ install_test_tools() {
     $sudo apt-get install -y -qq "${missing[@]}"
   fi
 }
+
+# The Python SDK (sdk/python, installed editable) and componentize-py, in a virtual
+# environment of the repository's own, target/python-sdk, for building Python plugins. Run
+# from the repository root.
+install_python_sdk() {
+  local venv=target/python-sdk
+  if "$venv/bin/python" -c "import rebound_sdk, componentize_py" >/dev/null 2>&1; then
+    return
+  fi
+  if ! python3 -c "import venv, ensurepip" >/dev/null 2>&1; then
+    echo "==> installing python3-venv"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq python3 python3-venv
+  fi
+  echo "==> installing the Python SDK and componentize-py into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check --editable sdk/python
+}

@@ -1,0 +1,85 @@
+"""How a module declares its handler: a :class:`Handler` subclass, or a function marked
+with :func:`handler`."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, Callable
+
+from .task import Task
+
+
+class Handler:
+    """A task handler. Subclass it and override :meth:`handle`; override
+    :meth:`on_exhausted` to act when a task has used up its retries.
+
+    Rebound runs every attempt in a fresh instance of the plugin, so nothing a handler
+    keeps in memory (on ``self`` or in a global) survives from one attempt to the next.
+    """
+
+    def handle(self, task: Task) -> Any:
+        """Runs one attempt and returns the task's result, which must encode as JSON.
+        Raise :class:`~rebound_sdk.Retry`, :class:`~rebound_sdk.RetryAfter` or
+        :class:`~rebound_sdk.Fatal` to fail the attempt; any other exception is a retry."""
+        raise NotImplementedError(f"{type(self).__name__} does not define handle(self, task)")
+
+    def on_exhausted(self, task: Task, error: str) -> None:
+        """Called once, in a fresh instance, when the task failed and has no retries left;
+        ``error`` is the last attempt's error. It cannot change the outcome. The default
+        does nothing."""
+
+
+class _FunctionHandler(Handler):
+    def __init__(self, function: Callable[[Task], Any]) -> None:
+        self._function = function
+        self.__name__ = getattr(function, "__name__", "handler")
+        self.__doc__ = getattr(function, "__doc__", None)
+        self.__module__ = getattr(function, "__module__", __name__)
+
+    def handle(self, task: Task) -> Any:
+        return self._function(task)
+
+    def __call__(self, task: Task) -> Any:
+        return self._function(task)
+
+
+def handler(function: Callable[[Task], Any]) -> Handler:
+    """Marks ``function(task)`` as the module's handler, for a plugin that needs no
+    ``on_exhausted`` hook. The function stays callable, for its tests."""
+    if not callable(function):
+        raise TypeError(f"@handler takes a function, not {type(function).__name__}")
+    return _FunctionHandler(function)
+
+
+def find_handler(module: ModuleType) -> Handler:
+    """The one handler `module` declares: a :class:`Handler` subclass defined in it, or a
+    function marked with :func:`handler`. Zero or several is an error that says which."""
+    found: list[tuple[str, Handler]] = []
+    for name, value in vars(module).items():
+        if isinstance(value, Handler) and value.__module__ == module.__name__:
+            found.append((name, value))
+        elif (
+            isinstance(value, type)
+            and issubclass(value, Handler)
+            and value.__module__ == module.__name__
+            and value is not _FunctionHandler
+        ):
+            try:
+                found.append((name, value()))
+            except TypeError as error:
+                raise TypeError(
+                    f"handler class {name} in {module.__name__} must be constructible "
+                    f"without arguments: {error}"
+                ) from None
+    if not found:
+        raise LookupError(
+            f"module {module.__name__} declares no handler: define a subclass of "
+            "rebound_sdk.Handler, or mark a function with @rebound_sdk.handler"
+        )
+    if len(found) > 1:
+        names = ", ".join(name for name, _ in found)
+        raise LookupError(
+            f"module {module.__name__} declares {len(found)} handlers ({names}); "
+            "a plugin has exactly one"
+        )
+    return found[0][1]

@@ -1,0 +1,251 @@
+"""The SDK in plain CPython: tasks, failures, handler discovery, the export glue and the
+build command's checks. The glue runs against the real bindings componentize-py generates
+for wit/ (its stubs, which raise for host calls; the host module is told there is no host).
+
+The plugins themselves are tested on the real host, in the Rust test suite
+(tests/tests/python.rs and the lifecycle cases).
+"""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import tempfile
+import types
+import unittest
+from datetime import timedelta
+from pathlib import Path
+
+import rebound_sdk
+from rebound_sdk import Fatal, Handler, Retry, RetryAfter, Task, handler
+from rebound_sdk.build import WIT_DIR, BuildError, build
+from rebound_sdk.handler import find_handler
+
+
+def task(params_json: str = "{}", attempt: int = 1, max_attempts: int = 3) -> Task:
+    return Task("t-1", "q", params_json, attempt, max_attempts)
+
+
+def module(name: str, source: str) -> types.ModuleType:
+    mod = types.ModuleType(name)
+    exec(compile(source, f"{name}.py", "exec"), mod.__dict__)
+    return mod
+
+
+class TaskTest(unittest.TestCase):
+    def test_params_decode_and_fields_name_what_is_missing(self):
+        t = task('{"width": 640, "tags": ["a"]}')
+        self.assertEqual(t.params, {"width": 640, "tags": ["a"]})
+        self.assertEqual(t.param("width"), 640)
+        self.assertIsNone(t.param("height", None))
+        with self.assertRaisesRegex(Fatal, "params has no field `height`"):
+            t.param("height")
+
+    def test_params_that_are_not_an_object_or_not_json_are_fatal(self):
+        with self.assertRaisesRegex(Fatal, "JSON list, not an object"):
+            task("[1, 2]").param("x")
+        with self.assertRaisesRegex(Fatal, "task t-1 has unusable params"):
+            task("{nope").params
+
+    def test_last_attempt(self):
+        self.assertFalse(task(attempt=2, max_attempts=3).is_last_attempt)
+        self.assertTrue(task(attempt=3, max_attempts=3).is_last_attempt)
+
+
+class FailureTest(unittest.TestCase):
+    def test_retry_after_takes_seconds_or_a_timedelta(self):
+        self.assertEqual(RetryAfter(0.4, "busy").delay_ms, 400)
+        self.assertEqual(RetryAfter(timedelta(minutes=1), "busy").delay_ms, 60_000)
+        self.assertEqual(RetryAfter(0, "now").delay_ms, 0)
+        with self.assertRaisesRegex(ValueError, "zero or more seconds"):
+            RetryAfter(-1, "never")
+
+    def test_failures_carry_their_message(self):
+        self.assertEqual(Retry("try later").message, "try later")
+        self.assertEqual(str(Fatal("bad input")), "bad input")
+
+
+class DiscoveryTest(unittest.TestCase):
+    def test_a_decorated_function_is_found_and_stays_callable(self):
+        mod = module(
+            "app",
+            "from rebound_sdk import handler\n"
+            "@handler\n"
+            "def echo(task):\n"
+            "    return task.params\n",
+        )
+        found = find_handler(mod)
+        self.assertEqual(found.handle(task('{"a": 1}')), {"a": 1})
+        self.assertEqual(mod.echo(task("[]")), [])
+
+    def test_a_handler_class_is_found_and_imported_ones_are_not(self):
+        mod = module(
+            "app",
+            "from rebound_sdk import Handler\n"
+            "class Mine(Handler):\n"
+            "    def handle(self, task):\n"
+            "        return 'mine'\n",
+        )
+        self.assertEqual(find_handler(mod).handle(task()), "mine")
+
+    def test_none_or_several_handlers_are_errors_that_say_so(self):
+        with self.assertRaisesRegex(LookupError, "declares no handler"):
+            find_handler(module("empty", "from rebound_sdk import Handler, handler\n"))
+        two = module(
+            "two",
+            "from rebound_sdk import Handler, handler\n"
+            "class A(Handler):\n    pass\n"
+            "@handler\ndef b(task):\n    return 1\n",
+        )
+        with self.assertRaisesRegex(LookupError, r"declares 2 handlers \(A, b\)"):
+            find_handler(two)
+
+    def test_a_class_that_needs_arguments_is_refused(self):
+        mod = module(
+            "needy",
+            "from rebound_sdk import Handler\n"
+            "class Needy(Handler):\n"
+            "    def __init__(self, model):\n"
+            "        self.model = model\n",
+        )
+        with self.assertRaisesRegex(TypeError, "constructible without arguments"):
+            find_handler(mod)
+
+    def test_handler_refuses_what_is_not_callable(self):
+        with self.assertRaisesRegex(TypeError, "takes a function"):
+            handler(42)
+
+
+class HostOutsideAPluginTest(unittest.TestCase):
+    def test_progress_only_rises_and_cancelled_is_false(self):
+        rebound_sdk.host.local_progress = 0
+        rebound_sdk.set_progress(40)
+        rebound_sdk.set_progress(20)
+        rebound_sdk.set_progress(101)
+        self.assertEqual(rebound_sdk.host.local_progress, 40)
+        self.assertFalse(rebound_sdk.cancelled())
+
+
+class ExportGlueTest(unittest.TestCase):
+    """The glue against componentize-py's generated bindings for wit/plugin.wit."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.bindings = tempfile.TemporaryDirectory()
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys, componentize_py; sys.argv[0] = 'componentize-py'; "
+                "sys.exit(componentize_py.script())",
+                "--wit-path",
+                str(WIT_DIR),
+                "--world",
+                "rebound:plugin/handler",
+                "bindings",
+                cls.bindings.name,
+            ],
+            check=True,
+        )
+        sys.path.insert(0, cls.bindings.name)
+        cls.export = importlib.import_module("rebound_sdk._export")
+        cls.wit = importlib.import_module("wit_world.imports.types")
+        cls.Err = importlib.import_module("componentize_py_types").Err
+        # The stubs raise for every host call: run as though outside a plugin.
+        rebound_sdk.host._host = None
+
+    @classmethod
+    def tearDownClass(cls):
+        sys.path.remove(cls.bindings.name)
+        cls.bindings.cleanup()
+
+    def world(self, source: str):
+        return self.export.world_for(module("app", "from rebound_sdk import *\n" + source))()
+
+    def wit_task(self, params: str = "{}"):
+        return self.wit.Task("t-9", "q", params, 2, 4, None, 30)
+
+    def outcome(self, world):
+        try:
+            return world.handle(self.wit_task('{"n": 5}'))
+        except self.Err as err:
+            return err.value
+
+    def test_results_are_json_and_the_task_arrives_whole(self):
+        world = self.world(
+            "@handler\n"
+            "def h(task):\n"
+            "    return [task.id, task.queue, task.params, task.attempt, task.max_attempts,"
+            " task.gpu, task.progress]\n"
+        )
+        self.assertEqual(
+            self.outcome(world), '["t-9","q",{"n":5},2,4,null,30]'
+        )
+
+    def test_each_failure_maps_onto_its_wit_case(self):
+        cases = {
+            "raise Retry('later')": self.wit.Failure_Retry("later"),
+            "raise RetryAfter(1.5, 'busy')": self.wit.Failure_RetryAfter(
+                self.wit.RetryAfter(1500, "busy")
+            ),
+            "raise Fatal('bad')": self.wit.Failure_Fatal("bad"),
+            "raise KeyError('gone')": self.wit.Failure_Retry("KeyError: 'gone'"),
+            "raise RuntimeError()": self.wit.Failure_Retry("RuntimeError"),
+            "task.param('missing')": self.wit.Failure_Fatal("params has no field `missing`"),
+            "return object()": self.wit.Failure_Fatal(
+                "the handler's result is not JSON: Object of type object is not JSON serializable"
+            ),
+        }
+        for body, expected in cases.items():
+            with self.subTest(body):
+                world = self.world(f"@handler\ndef h(task):\n    {body}\n")
+                self.assertEqual(self.outcome(world), expected)
+
+    def test_the_exhausted_hook_runs_and_its_exceptions_stay_inside(self):
+        app = module(
+            "app",
+            "from rebound_sdk import Handler\n"
+            "seen = []\n"
+            "class H(Handler):\n"
+            "    def on_exhausted(self, task, error):\n"
+            "        seen.append((task.id, error))\n"
+            "        raise ValueError('alerting is down')\n",
+        )
+        world = self.export.world_for(app)()
+        self.assertIsNone(world.on_exhausted(self.wit_task(), "last error"))
+        self.assertEqual(app.seen, [("t-9", "last error")])
+
+
+class BuildChecksTest(unittest.TestCase):
+    """What the build command refuses before it runs componentize-py."""
+
+    def test_bad_paths_and_names_are_refused_with_the_reason(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            (tmp / "my-app.py").write_text("")
+            (tmp / "wit_world.py").write_text("")
+            (tmp / "ok.py").write_text("")
+            (tmp / "notes.txt").write_text("")
+            cases = [
+                (tmp / "missing.py", None, "does not exist"),
+                (tmp / "notes.txt", None, "is not a Python file"),
+                (tmp / "my-app.py", None, "cannot be imported as a Python module"),
+                (tmp / "wit_world.py", None, "is reserved"),
+                (tmp / "ok.py", tmp / "ok.so", "ends in .wasm"),
+            ]
+            for app, output, message in cases:
+                with self.subTest(app=app.name), self.assertRaisesRegex(BuildError, message):
+                    build(app, output, quiet=True)
+
+    def test_an_app_that_fails_at_import_fails_the_build_with_its_error(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            app = Path(tmp) / "broken.py"
+            app.write_text("raise RuntimeError('config file missing')\n")
+            with self.assertRaisesRegex(BuildError, "config file missing"):
+                build(app, Path(tmp) / "broken.wasm", quiet=True)
+            self.assertFalse((Path(tmp) / "broken.wasm").exists())
+
+
+if __name__ == "__main__":
+    unittest.main()
