@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Runs every check of the repository: formatting, lints, and all tests (unit, doc and
-# integration; the integration tests build the plugins and start their own redis-server,
-# Redis Cluster and TLS server).
+# integration; the integration tests build the plugins, Rust and Python, and start their own
+# redis-server, Redis Cluster and TLS server), and the Python SDK's own tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/prerequisites.sh
 install_wasm_target
 install_test_tools
+install_python_sdk
 
 echo "==> formatting"
 cargo fmt --all -- --check
@@ -17,4 +18,5 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --release -- -D warnings
 
 echo "==> tests"
+target/python-sdk/bin/python -m unittest discover --start-directory sdk/python/tests
 cargo test --workspace

@@ -7,6 +7,7 @@
 
 pub mod gpu;
 pub mod process;
+pub mod python;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -40,11 +41,37 @@ pub fn plugin_wasm(name: &str) -> PathBuf {
     plugin_build_dir().join(format!("{name}.wasm"))
 }
 
+/// Which build of the example plugins a test runs: each Rust plugin in `plugins/` that
+/// has a twin in `plugins/python/` takes the same parameters and serves the same queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Lang {
+    /// The Rust plugins, built by this crate's build script.
+    #[default]
+    Rust,
+    /// The Python plugins, built with the Python SDK ([`python`]).
+    Python,
+}
+
+impl Lang {
+    /// The compiled plugin `name` in this language.
+    pub fn plugin_wasm(self, name: &str) -> PathBuf {
+        match self {
+            Lang::Rust => plugin_wasm(name),
+            Lang::Python => python::plugin_wasm(name),
+        }
+    }
+}
+
 /// A fresh plugin directory holding copies of the named example plugins.
 pub fn plugin_dir(names: &[&str]) -> TempDir {
+    plugin_dir_in(Lang::Rust, names)
+}
+
+/// A fresh plugin directory holding copies of the named example plugins in `lang`.
+pub fn plugin_dir_in(lang: Lang, names: &[&str]) -> TempDir {
     let dir = tempfile::tempdir().expect("cannot create a temporary directory");
     for name in names {
-        let from = plugin_wasm(name);
+        let from = lang.plugin_wasm(name);
         std::fs::copy(&from, dir.path().join(format!("{name}.wasm")))
             .unwrap_or_else(|err| panic!("cannot copy {}: {err}", from.display()));
     }
@@ -612,12 +639,23 @@ pub struct HostSetup<'a> {
     pub manifests: &'a [(&'a str, &'a str)],
     /// Follow the plugin directory and load what changes, as `rebound run` does.
     pub reload: bool,
+    /// The language of the plugins (Python ones load through [`python::compiled_cache`]).
+    pub lang: Lang,
 }
 
 impl TestHost {
     /// Starts a host serving the named example plugins from `store`.
     pub fn start(store: SharedStore, plugins: &[&str], config: HostConfig) -> Self {
         TestHost::start_with(store, plugins, config, HostSetup::default())
+    }
+
+    /// Starts a host serving the named example plugins in `lang` from `store`.
+    pub fn start_in(lang: Lang, store: SharedStore, plugins: &[&str], config: HostConfig) -> Self {
+        let setup = HostSetup {
+            lang,
+            ..HostSetup::default()
+        };
+        TestHost::start_with(store, plugins, config, setup)
     }
 
     /// Starts a host serving the named example plugins from `store`, with a GPU gate or
@@ -628,12 +666,21 @@ impl TestHost {
         config: HostConfig,
         setup: HostSetup<'_>,
     ) -> Self {
-        let dir = plugin_dir(plugins);
+        let dir = plugin_dir_in(setup.lang, plugins);
         for (name, manifest) in setup.manifests {
             std::fs::write(dir.path().join(format!("{name}.toml")), manifest)
                 .expect("cannot write a manifest");
         }
-        let runtime = Arc::new(Runtime::new(config.limits.clone()).expect("engine starts"));
+        let cache = (setup.lang == Lang::Python).then(python::compiled_cache);
+        let runtime = Arc::new(
+            Runtime::with_cache(config.limits.clone(), cache.as_deref()).expect("engine starts"),
+        );
+        // Python plugins compile for seconds: let the first test compile into the cache.
+        let loading = (setup.lang == Lang::Python).then(|| {
+            python::LOADING
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner())
+        });
         let mut set = PluginSet::default();
         for name in plugins {
             let path = dir.path().join(format!("{name}.wasm"));
@@ -641,6 +688,7 @@ impl TestHost {
                 .unwrap_or_else(|err| panic!("plugin {name} loads: {err:#}"));
             set.insert(plugin);
         }
+        drop(loading);
         TestHost::serve(store, dir, runtime, set, config, setup)
     }
 
@@ -749,30 +797,55 @@ pub async fn wait_until_final(
 #[macro_export]
 macro_rules! on_both_stores {
     ($($case:ident),* $(,)?) => {
-        mod redis {
+        $crate::__store_tests!(redis, Redis; $($case),*);
+        $crate::__store_tests!(redis_cluster, RedisCluster; $($case),*);
+        $crate::__store_tests!(embedded, Embedded; $($case),*);
+    };
+}
+
+/// Turns each named `async fn case(backend: Backend, lang: Lang)` into tests of both
+/// plugin languages: `rust::…` on both stores as [`on_both_stores!`] does, and `python::…`
+/// on a private `redis-server` and on the embedded store (what a plugin does does not
+/// depend on how Redis is deployed).
+#[macro_export]
+macro_rules! in_both_languages {
+    ($($case:ident),* $(,)?) => {
+        mod rust {
+            use super::*;
+            $crate::__store_tests!(redis, Redis, Rust; $($case),*);
+            $crate::__store_tests!(redis_cluster, RedisCluster, Rust; $($case),*);
+            $crate::__store_tests!(embedded, Embedded, Rust; $($case),*);
+        }
+        mod python {
+            use super::*;
+            $crate::__store_tests!(redis, Redis, Python; $($case),*);
+            $crate::__store_tests!(embedded, Embedded, Python; $($case),*);
+        }
+    };
+}
+
+/// One module of tests, each calling its case on one store (and in one language).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __store_tests {
+    ($module:ident, $backend:ident; $($case:ident),*) => {
+        mod $module {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
                     $crate::init_logging();
-                    super::$case($crate::Backend::Redis).await;
+                    super::$case($crate::Backend::$backend).await;
                 }
             )*
         }
-        mod redis_cluster {
+    };
+    ($module:ident, $backend:ident, $lang:ident; $($case:ident),*) => {
+        mod $module {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
                     $crate::init_logging();
-                    super::$case($crate::Backend::RedisCluster).await;
-                }
-            )*
-        }
-        mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    $crate::init_logging();
-                    super::$case($crate::Backend::Embedded).await;
+                    super::$case($crate::Backend::$backend, $crate::Lang::$lang).await;
                 }
             )*
         }

@@ -1,5 +1,7 @@
 //! Tasks through their whole life on a real host: real compiled plugins, a real store. Every
-//! case runs twice, once on a private `redis-server` and once on the embedded store.
+//! case runs on a private `redis-server`, a private Redis Cluster and the embedded store. The
+//! cases that are about what a plugin does run against the Python twins of the example
+//! plugins too (`plugins/python/`), which take the same parameters.
 
 use std::time::Duration;
 
@@ -7,7 +9,9 @@ use rebound::backoff::{RetryPolicy, Strategy};
 use rebound::config::HostConfig;
 use rebound::runtime::SandboxLimits;
 use rebound::task::{NewTask, Task, TaskState};
-use rebound_tests::{Backend, TestHost, TestStore, test_config, wait_for_state, wait_until_final};
+use rebound_tests::{
+    Backend, Lang, TestHost, TestStore, test_config, wait_for_state, wait_until_final,
+};
 use serde_json::{Value, json};
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -44,9 +48,9 @@ async fn reached(store: &TestStore, id: &str, state: TaskState) -> Task {
         .unwrap()
 }
 
-async fn echo_completes_with_its_params(backend: Backend) {
+async fn echo_completes_with_its_params(backend: Backend, lang: Lang) {
     let store = TestStore::new(backend).await.unwrap();
-    let host = TestHost::start(store.store.clone(), &["echo"], test_config());
+    let host = TestHost::start_in(lang, store.store.clone(), &["echo"], test_config());
 
     let params = json!({"text": "hello", "n": [1, 2, 3]});
     let created = submit(&store, "echo", params.clone(), None).await;
@@ -60,9 +64,9 @@ async fn echo_completes_with_its_params(backend: Backend) {
     host.shutdown().await;
 }
 
-async fn flaky_retries_with_fixed_backoff_then_completes(backend: Backend) {
+async fn flaky_retries_with_fixed_backoff_then_completes(backend: Backend, lang: Lang) {
     let store = TestStore::new(backend).await.unwrap();
-    let host = TestHost::start(store.store.clone(), &["flaky"], test_config());
+    let host = TestHost::start_in(lang, store.store.clone(), &["flaky"], test_config());
 
     let created = submit(
         &store,
@@ -101,9 +105,9 @@ async fn flaky_retries_with_fixed_backoff_then_completes(backend: Backend) {
     host.shutdown().await;
 }
 
-async fn exhausted_retries_fail_and_run_the_hook_once(backend: Backend) {
+async fn exhausted_retries_fail_and_run_the_hook_once(backend: Backend, lang: Lang) {
     let store = TestStore::new(backend).await.unwrap();
-    let host = TestHost::start(store.store.clone(), &["flaky"], test_config());
+    let host = TestHost::start_in(lang, store.store.clone(), &["flaky"], test_config());
 
     let created = submit(
         &store,
@@ -131,9 +135,9 @@ async fn exhausted_retries_fail_and_run_the_hook_once(backend: Backend) {
     host.shutdown().await;
 }
 
-async fn fatal_failure_is_not_retried(backend: Backend) {
+async fn fatal_failure_is_not_retried(backend: Backend, lang: Lang) {
     let store = TestStore::new(backend).await.unwrap();
-    let host = TestHost::start(store.store.clone(), &["flaky"], test_config());
+    let host = TestHost::start_in(lang, store.store.clone(), &["flaky"], test_config());
 
     let created = submit(&store, "flaky", json!({"fatal": true}), Some(fixed(10, 5))).await;
     let done = finished(&store, &created.id).await;
@@ -148,9 +152,9 @@ async fn fatal_failure_is_not_retried(backend: Backend) {
     host.shutdown().await;
 }
 
-async fn retry_after_waits_the_handlers_delay(backend: Backend) {
+async fn retry_after_waits_the_handlers_delay(backend: Backend, lang: Lang) {
     let store = TestStore::new(backend).await.unwrap();
-    let host = TestHost::start(store.store.clone(), &["flaky"], test_config());
+    let host = TestHost::start_in(lang, store.store.clone(), &["flaky"], test_config());
 
     // The policy says 10 ms; the handler asks for 400 ms, which must win.
     let params = json!({"succeed_at": 2, "retry_after_ms": 400});
@@ -170,7 +174,7 @@ async fn retry_after_waits_the_handlers_delay(backend: Backend) {
     host.shutdown().await;
 }
 
-async fn spinning_task_times_out_while_others_run(backend: Backend) {
+async fn spinning_task_times_out_while_others_run(backend: Backend, lang: Lang) {
     let store = TestStore::new(backend).await.unwrap();
     let config = rebound::config::HostConfig {
         limits: SandboxLimits {
@@ -179,7 +183,7 @@ async fn spinning_task_times_out_while_others_run(backend: Backend) {
         },
         ..test_config()
     };
-    let host = TestHost::start(store.store.clone(), &["sleepy", "echo"], config);
+    let host = TestHost::start_in(lang, store.store.clone(), &["sleepy", "echo"], config);
 
     let spin = submit(&store, "sleepy", json!({"ms": 10_000}), Some(fixed(10, 0))).await;
     reached(&store, &spin.id, TaskState::Running).await;
@@ -211,7 +215,7 @@ async fn spinning_task_times_out_while_others_run(backend: Backend) {
     host.shutdown().await;
 }
 
-async fn deadline_stops_a_guest_blocked_in_a_wasi_sleep(backend: Backend) {
+async fn deadline_stops_a_guest_blocked_in_a_wasi_sleep(backend: Backend, lang: Lang) {
     let store = TestStore::new(backend).await.unwrap();
     let config = rebound::config::HostConfig {
         limits: SandboxLimits {
@@ -220,7 +224,7 @@ async fn deadline_stops_a_guest_blocked_in_a_wasi_sleep(backend: Backend) {
         },
         ..test_config()
     };
-    let host = TestHost::start(store.store.clone(), &["sleepy"], config);
+    let host = TestHost::start_in(lang, store.store.clone(), &["sleepy"], config);
     let created = submit(
         &store,
         "sleepy",
@@ -240,9 +244,9 @@ async fn deadline_stops_a_guest_blocked_in_a_wasi_sleep(backend: Backend) {
         .expect("the host shuts down");
 }
 
-async fn canceling_a_running_task_stops_it_for_good(backend: Backend) {
+async fn canceling_a_running_task_stops_it_for_good(backend: Backend, lang: Lang) {
     let store = TestStore::new(backend).await.unwrap();
-    let host = TestHost::start(store.store.clone(), &["sleepy"], test_config());
+    let host = TestHost::start_in(lang, store.store.clone(), &["sleepy"], test_config());
     for params in [json!({"ms": 60_000}), json!({"ms": 60_000, "sleep": true})] {
         let created = submit(&store, "sleepy", params, Some(fixed(10, 5))).await;
         reached(&store, &created.id, TaskState::Running).await;
@@ -265,7 +269,7 @@ async fn canceling_a_running_task_stops_it_for_good(backend: Backend) {
     host.shutdown().await;
 }
 
-async fn fuel_budget_stops_long_work_and_lets_short_work_finish(backend: Backend) {
+async fn fuel_budget_stops_long_work_and_lets_short_work_finish(backend: Backend, lang: Lang) {
     let store = TestStore::new(backend).await.unwrap();
     let config = rebound::config::HostConfig {
         limits: SandboxLimits {
@@ -274,7 +278,7 @@ async fn fuel_budget_stops_long_work_and_lets_short_work_finish(backend: Backend
         },
         ..test_config()
     };
-    let host = TestHost::start(store.store.clone(), &["sleepy", "echo"], config);
+    let host = TestHost::start_in(lang, store.store.clone(), &["sleepy", "echo"], config);
 
     // Within the budget: echo, and a few milliseconds of spinning.
     let short = submit(&store, "sleepy", json!({"ms": 2}), None).await;
@@ -371,8 +375,7 @@ async fn an_idle_host_starts_a_submitted_task_without_waiting_for_its_poll(backe
     assert!(waits.iter().all(|ms| *ms < 5_000), "{waits:?}");
 }
 
-rebound_tests::on_both_stores!(
-    an_idle_host_starts_a_submitted_task_without_waiting_for_its_poll,
+rebound_tests::in_both_languages!(
     echo_completes_with_its_params,
     flaky_retries_with_fixed_backoff_then_completes,
     exhausted_retries_fail_and_run_the_hook_once,
@@ -382,6 +385,10 @@ rebound_tests::on_both_stores!(
     fuel_budget_stops_long_work_and_lets_short_work_finish,
     deadline_stops_a_guest_blocked_in_a_wasi_sleep,
     canceling_a_running_task_stops_it_for_good,
+);
+
+rebound_tests::on_both_stores!(
+    an_idle_host_starts_a_submitted_task_without_waiting_for_its_poll,
     two_hosts_never_run_a_task_twice,
     shutdown_hands_running_tasks_back_uncharged,
 );

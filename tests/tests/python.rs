@@ -1,0 +1,43 @@
+//! What only Python plugins do, on a real host. (The Python twins of the example plugins
+//! also run the lifecycle cases, `lifecycle.rs`, the memory cap, `sandbox.rs`, and the
+//! compiled-plugin cache, `plugin_cache.rs`.)
+
+use std::time::Duration;
+
+use rebound::backoff::{RetryPolicy, Strategy};
+use rebound::task::{NewTask, TaskState};
+use rebound_tests::{Backend, Lang, TestHost, TestStore, test_config, wait_until_final};
+
+/// An exception the handler did not expect is retried, as Python task queues do, and the
+/// task's error names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unexpected_exception_is_retried_and_named_in_the_error() {
+    rebound_tests::init_logging();
+    let store = TestStore::new(Backend::Embedded).await.unwrap();
+    let host = TestHost::start_in(Lang::Python, store.store.clone(), &["flaky"], test_config());
+
+    // `attempt < "soon"` raises TypeError inside the handler.
+    let task = NewTask {
+        retry: Some(RetryPolicy {
+            backoff: Strategy::Fixed,
+            backoff_interval_ms: 10,
+            max_retry_count: 2,
+            ..RetryPolicy::default()
+        }),
+        ..NewTask::new("flaky", r#"{"succeed_at": "soon"}"#)
+    };
+    let id = store.store.create(task).await.unwrap().id;
+    let done = wait_until_final(store.store.as_ref(), &id, Duration::from_secs(20))
+        .await
+        .unwrap();
+
+    assert_eq!(done.state, TaskState::Failed, "{done:#?}");
+    assert_eq!(done.attempt, 3, "an exception is retried like Retry");
+    assert_eq!(done.exhausted_hook_runs, 1);
+    let error = done.last_error.unwrap();
+    assert!(
+        error.starts_with("TypeError: '<' not supported"),
+        "the error names the exception: {error}"
+    );
+    host.shutdown().await;
+}
