@@ -5,8 +5,10 @@
 use std::time::Duration;
 
 use rebound::backoff::{RetryPolicy, Strategy};
-use rebound::task::{NewTask, TaskState};
-use rebound_tests::{Backend, Lang, TestHost, TestStore, test_config, wait_until_final};
+use rebound::runtime::sandbox::AttemptSignals;
+use rebound::runtime::{AttemptOutcome, Plugin, Runtime, SandboxLimits};
+use rebound::task::{NewTask, Task, TaskState};
+use rebound_tests::{Backend, Lang, TestHost, TestStore, python, test_config, wait_until_final};
 
 /// An exception the handler did not expect is retried, as Python task queues do, and the
 /// task's error names it.
@@ -40,4 +42,38 @@ async fn an_unexpected_exception_is_retried_and_named_in_the_error() {
         "the error names the exception: {error}"
     );
     host.shutdown().await;
+}
+
+/// A pool fills with Python instances as it does with Rust ones: every slot can run one at
+/// once, although a Python component holds about a dozen core instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_slot_of_the_pool_can_run_a_python_attempt_at_once() {
+    let limits = SandboxLimits {
+        pool: Some(4),
+        ..SandboxLimits::default()
+    };
+    let runtime = Runtime::with_cache(limits, Some(&python::compiled_cache())).unwrap();
+    let plugin = {
+        let _loading = python::LOADING.lock().unwrap();
+        Plugin::load(
+            &runtime,
+            &Lang::Python.plugin_wasm("sleepy"),
+            &Default::default(),
+        )
+        .unwrap()
+    };
+    let task = Task::submitted(
+        "t".into(),
+        NewTask::new("sleepy", r#"{"ms": 300, "sleep": true}"#),
+        0,
+    );
+    let signals = AttemptSignals::new(0);
+    let attempt = || runtime.run_attempt(&plugin, &task, None, &signals);
+    let outcomes = tokio::join!(attempt(), attempt(), attempt(), attempt());
+    for outcome in [outcomes.0, outcomes.1, outcomes.2, outcomes.3] {
+        assert!(
+            matches!(outcome, AttemptOutcome::Completed(_)),
+            "{outcome:?}"
+        );
+    }
 }

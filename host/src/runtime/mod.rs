@@ -116,14 +116,20 @@ impl fmt::Display for HostLimitExceeded {
 impl std::error::Error for HostLimitExceeded {}
 
 /// What one instance of a plugin may hold in a pooled runtime. A component needing more
-/// is refused when it loads ([`Runtime::check_fits`]).
+/// memories or tables is refused when it loads ([`Runtime::check_fits`]); one needing more
+/// core instances fails to instantiate, naming the limit.
+///
+/// The pool holds this much for every one of its instances, so that any mix of plugins
+/// can fill every slot: an attempt waits for a free instance slot, never for one of
+/// these.
 pub mod pool_limits {
-    /// Core instances in one component (Rust components have three to five).
+    /// Core instances in one component (Rust components have three to five; a Python
+    /// component, CPython's libraries and their shims, about a dozen).
     pub const CORE_INSTANCES: u32 = 16;
-    /// Linear memories in one component.
-    pub const MEMORIES: u32 = 4;
-    /// Tables in one component.
-    pub const TABLES: u32 = 16;
+    /// Linear memories in one component (Rust and Python components have one).
+    pub const MEMORIES: u32 = 2;
+    /// Tables in one component (Rust and Python components have two).
+    pub const TABLES: u32 = 8;
 }
 
 /// Bytes of each pooled memory kept resident between instances (echo's memory fits).
@@ -134,9 +140,9 @@ fn pooling_config(instances: u32, limits: &SandboxLimits) -> wasmtime::PoolingAl
     use pool_limits::{CORE_INSTANCES, MEMORIES, TABLES};
     let mut pool = wasmtime::PoolingAllocationConfig::new();
     pool.total_component_instances(instances)
-        .total_core_instances(instances.saturating_mul(CORE_INSTANCES / 2))
-        .total_memories(instances.saturating_mul(2))
-        .total_tables(instances.saturating_mul(TABLES / 2))
+        .total_core_instances(instances.saturating_mul(CORE_INSTANCES))
+        .total_memories(instances.saturating_mul(MEMORIES))
+        .total_tables(instances.saturating_mul(TABLES))
         .total_stacks(instances)
         .max_core_instances_per_component(CORE_INSTANCES)
         .max_memories_per_component(MEMORIES)
