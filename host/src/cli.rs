@@ -645,11 +645,12 @@ async fn run(store: SharedStore, loaded: &Loaded) -> anyhow::Result<()> {
     for plugin in plugins.iter() {
         let (name, queue, version) = (plugin.name(), plugin.queue(), plugin.version());
         let path = plugin.path().display();
+        let load_ms = plugin.load_time().as_millis() as u64;
         match plugin.gpu() {
             Some(needs) => {
-                tracing::info!(plugin = name, queue, version, %path, gpu = %needs, "plugin loaded");
+                tracing::info!(plugin = name, queue, version, %path, load_ms, gpu = %needs, "plugin loaded");
             }
-            None => tracing::info!(plugin = name, queue, version, %path, "plugin loaded"),
+            None => tracing::info!(plugin = name, queue, version, %path, load_ms, "plugin loaded"),
         }
         for warning in &plugin.manifest().warnings {
             tracing::warn!(plugin = plugin.name(), "{warning}");

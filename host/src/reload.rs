@@ -187,11 +187,13 @@ async fn reload_one(loader: &Loader, live: &LivePlugins, wasm: PathBuf) -> bool 
                 return true;
             }
             metrics::plugin_loaded(plugin.name(), plugin.version());
+            let load_ms = plugin.load_time().as_millis() as u64;
             match previous {
                 Some(old) if old.version() == plugin.version() => info!(
                     plugin = plugin.name(),
                     queue = plugin.queue(),
                     version = plugin.version(),
+                    load_ms,
                     "plugin manifest reloaded: new tasks run under it"
                 ),
                 Some(old) => info!(
@@ -199,12 +201,14 @@ async fn reload_one(loader: &Loader, live: &LivePlugins, wasm: PathBuf) -> bool 
                     queue = plugin.queue(),
                     version = plugin.version(),
                     previous = old.version(),
+                    load_ms,
                     "plugin reloaded: new tasks run the new version"
                 ),
                 None => info!(
                     plugin = plugin.name(),
                     queue = plugin.queue(),
                     version = plugin.version(),
+                    load_ms,
                     "plugin loaded"
                 ),
             }

@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 use sha2::{Digest, Sha256};
@@ -45,6 +46,9 @@ pub struct Plugin {
     /// The GPU requirement the host's configuration gives (`[plugins.NAME]`); the
     /// manifest's fields win over it.
     host_gpu: Option<GpuRequirement>,
+    /// How long loading took: seconds for a large component compiled afresh (a Python
+    /// plugin embeds CPython), milliseconds from the compiled-plugin cache.
+    load_time: Duration,
 }
 
 /// A plugin file that did not load, and why.
@@ -69,6 +73,7 @@ impl Plugin {
     /// is named after the file; `retry` is the host's policy for tasks that bring none,
     /// which the manifest's `[retry]` keys refine.
     pub fn load(runtime: &Runtime, path: &Path, retry: &RetryPolicy) -> anyhow::Result<Self> {
+        let began = Instant::now();
         let name = plugin_name(path)?;
         let mut manifest = Manifest::for_plugin(path).with_context(|| format!("plugin {name}"))?;
         if manifest.queue.is_none() {
@@ -132,7 +137,13 @@ impl Plugin {
             grants,
             manifest,
             host_gpu: None,
+            load_time: began.elapsed(),
         })
+    }
+
+    /// How long loading the plugin took (compiling it, or reading it from the cache).
+    pub fn load_time(&self) -> Duration {
+        self.load_time
     }
 
     /// Sets the GPU requirement the host's configuration gives this plugin; the manifest's
