@@ -24,7 +24,7 @@ use rebound::runtime::{Plugin, PluginSet, Runtime, SandboxLimits};
 use rebound::scheduler::Scheduler;
 use rebound::store::{SharedStore, Store};
 use rebound::task::{NewTask, Task, TaskState};
-use rebound_tests::{Backend, TestStore, plugin_wasm};
+use rebound_tests::{Backend, Lang, TestStore};
 use tokio::sync::oneshot;
 
 /// Rebound's benchmarks.
@@ -56,6 +56,10 @@ struct Args {
     /// what `rebound run` uses by default).
     #[arg(long)]
     no_pooling: bool,
+    /// The language of the plugins that hosts run (the throughput, pickup, retry, memory
+    /// and scale scenarios): rust, or python for the Python twins (`plugins/python/`).
+    #[arg(long, default_value = "rust", value_parser = parse_lang)]
+    lang: Lang,
     /// After each Redis throughput run, print Redis's per-command counts (where the round
     /// trips go).
     #[arg(long)]
@@ -130,6 +134,16 @@ fn backend(name: &str) -> anyhow::Result<Backend> {
 
 /// Whether hosts take instances from a pool (`--no-pooling` turns it off).
 static POOLING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+/// The language of the plugins hosts run (`--lang`).
+static LANG: std::sync::OnceLock<Lang> = std::sync::OnceLock::new();
+
+fn parse_lang(name: &str) -> Result<Lang, String> {
+    match name {
+        "rust" => Ok(Lang::Rust),
+        "python" => Ok(Lang::Python),
+        other => Err(format!("unknown plugin language `{other}`: rust or python")),
+    }
+}
 
 /// A host running in this process until the returned sender fires.
 fn start_host(
@@ -141,11 +155,15 @@ fn start_host(
         // Sized as `rebound run` sizes it: concurrency × plugins.
         config.limits.pool = Some((config.concurrency * plugins.len()) as u32);
     }
-    let runtime = Arc::new(Runtime::new(config.limits.clone()).expect("engine"));
+    let lang = LANG.get().copied().unwrap_or_default();
+    // Python plugins take seconds to compile: every host after the first reads the cache.
+    let cache = (lang == Lang::Python).then(rebound_tests::python::compiled_cache);
+    let runtime =
+        Arc::new(Runtime::with_cache(config.limits.clone(), cache.as_deref()).expect("engine"));
     let mut set = PluginSet::default();
     for name in plugins {
         let plugin =
-            Plugin::load(&runtime, &plugin_wasm(name), &config.retry).expect("plugin loads");
+            Plugin::load(&runtime, &lang.plugin_wasm(name), &config.retry).expect("plugin loads");
         set.insert(plugin);
     }
     let scheduler = Scheduler::new(store, runtime, set, config, "bench-host".to_owned());
@@ -404,54 +422,73 @@ async fn sandbox(args: &Args) -> anyhow::Result<()> {
     );
     println!("| measure | µs |");
     println!("|---|---|");
-    for (label, pool) in [("not pooled", None), ("pooled", Some(64))] {
-        let runtime = Runtime::new(SandboxLimits {
-            pool,
-            ..SandboxLimits::default()
-        })?;
-        let plugin = Plugin::load(&runtime, &plugin_wasm("echo"), &RetryPolicy::default())?;
-        let task = Task::submitted("t".into(), NewTask::new("echo", r#"{"x":1}"#), 0);
-        let (mut p50, mut p99) = (Vec::new(), Vec::new());
-        for _ in 0..args.runs {
-            let mut times = Vec::with_capacity(5000);
-            for _ in 0..5000 {
-                let began = Instant::now();
-                let outcome = runtime
-                    .run_attempt(&plugin, &task, None, &AttemptSignals::new(0))
-                    .await;
-                times.push(began.elapsed().as_secs_f64() * 1e6);
-                anyhow::ensure!(matches!(
-                    outcome,
-                    rebound::runtime::AttemptOutcome::Completed(_)
-                ));
+    for lang in [Lang::Rust, Lang::Python] {
+        let wasm = lang.plugin_wasm("echo");
+        for (label, pool) in [("not pooled", None), ("pooled", Some(64))] {
+            let runtime = Runtime::new(SandboxLimits {
+                pool,
+                ..SandboxLimits::default()
+            })?;
+            let plugin = Plugin::load(&runtime, &wasm, &RetryPolicy::default())?;
+            let task = Task::submitted("t".into(), NewTask::new("echo", r#"{"x":1}"#), 0);
+            let (mut p50, mut p99) = (Vec::new(), Vec::new());
+            for _ in 0..args.runs {
+                let mut times = Vec::with_capacity(5000);
+                for _ in 0..5000 {
+                    let began = Instant::now();
+                    let outcome = runtime
+                        .run_attempt(&plugin, &task, None, &AttemptSignals::new(0))
+                        .await;
+                    times.push(began.elapsed().as_secs_f64() * 1e6);
+                    anyhow::ensure!(matches!(
+                        outcome,
+                        rebound::runtime::AttemptOutcome::Completed(_)
+                    ));
+                }
+                p50.push(quantile(&mut times, 0.5));
+                p99.push(quantile(&mut times, 0.99));
             }
-            p50.push(quantile(&mut times, 0.5));
-            p99.push(quantile(&mut times, 0.99));
+            println!(
+                "| instantiate+call p50 ({lang:?}, {label}) | {} |",
+                summary(p50)
+            );
+            println!(
+                "| instantiate+call p99 ({lang:?}, {label}) | {} |",
+                summary(p99)
+            );
         }
-        println!("| instantiate+call p50 ({label}) | {} |", summary(p50));
-        println!("| instantiate+call p99 ({label}) | {} |", summary(p99));
     }
 
-    let (mut cold, mut cached) = (Vec::new(), Vec::new());
-    let cache = tempfile::tempdir()?;
-    for _ in 0..args.runs {
-        let runtime = Runtime::new(SandboxLimits::default())?;
-        let began = Instant::now();
-        Plugin::load(&runtime, &plugin_wasm("echo"), &RetryPolicy::default())?;
-        cold.push(began.elapsed().as_secs_f64() * 1e3);
+    println!("\n| plugin load (echo) | size | ms |");
+    println!("|---|---|---|");
+    for lang in [Lang::Rust, Lang::Python] {
+        let wasm = lang.plugin_wasm("echo");
+        let size = format!("{:.1} MB", std::fs::metadata(&wasm)?.len() as f64 / 1e6);
+        let (mut cold, mut cached) = (Vec::new(), Vec::new());
+        let cache = tempfile::tempdir()?;
+        for _ in 0..args.runs {
+            let runtime = Runtime::new(SandboxLimits::default())?;
+            let began = Instant::now();
+            Plugin::load(&runtime, &wasm, &RetryPolicy::default())?;
+            cold.push(began.elapsed().as_secs_f64() * 1e3);
+        }
+        Runtime::with_cache(SandboxLimits::default(), Some(cache.path()))
+            .and_then(|r| Plugin::load(&r, &wasm, &RetryPolicy::default()))?;
+        for _ in 0..args.runs {
+            let runtime = Runtime::with_cache(SandboxLimits::default(), Some(cache.path()))?;
+            let began = Instant::now();
+            Plugin::load(&runtime, &wasm, &RetryPolicy::default())?;
+            cached.push(began.elapsed().as_secs_f64() * 1e3);
+        }
+        println!(
+            "| {lang:?}: compiled (no cache) | {size} | {} |",
+            summary(cold)
+        );
+        println!(
+            "| {lang:?}: from the on-disk cache | {size} | {} |",
+            summary(cached)
+        );
     }
-    Runtime::with_cache(SandboxLimits::default(), Some(cache.path()))
-        .and_then(|r| Plugin::load(&r, &plugin_wasm("echo"), &RetryPolicy::default()))?;
-    for _ in 0..args.runs {
-        let runtime = Runtime::with_cache(SandboxLimits::default(), Some(cache.path()))?;
-        let began = Instant::now();
-        Plugin::load(&runtime, &plugin_wasm("echo"), &RetryPolicy::default())?;
-        cached.push(began.elapsed().as_secs_f64() * 1e3);
-    }
-    println!("\n| plugin load (echo) | ms |");
-    println!("|---|---|");
-    println!("| compiled (no cache) | {} |", summary(cold));
-    println!("| from the on-disk cache | {} |", summary(cached));
     Ok(())
 }
 
@@ -625,10 +662,11 @@ async fn scale(args: &Args, report: &mut Report) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     POOLING.store(!args.no_pooling, std::sync::atomic::Ordering::Relaxed);
+    LANG.set(args.lang).expect("set once");
     let mut report = Report::default();
     println!(
-        "# Rebound benchmarks ({} run(s) each; median [min–max])",
-        args.runs
+        "# Rebound benchmarks ({} run(s) each; median [min–max]; {:?} plugins)",
+        args.runs, args.lang
     );
     for scenario in &args.scenarios {
         match scenario.as_str() {
