@@ -19,4 +19,7 @@ cargo clippy --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --release
 
 echo "==> tests"
 target/python-sdk/bin/python -m unittest discover --start-directory sdk/python/tests
+# The Python plugins first, on their own: building them and compiling each (seconds of both
+# cores) would otherwise run beside the timed cases of the other tests.
+cargo test -p rebound-tests --test python
 cargo test --workspace

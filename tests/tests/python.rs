@@ -10,6 +10,46 @@ use rebound::runtime::{AttemptOutcome, Plugin, Runtime, SandboxLimits};
 use rebound::task::{NewTask, Task, TaskState};
 use rebound_tests::{Backend, Lang, TestHost, TestStore, python, test_config, wait_until_final};
 
+/// Every Python example plugin loads on one host (the first load compiles each into the
+/// tests' compiled-plugin cache; `scripts/test.sh` runs this file first so that the timed
+/// cases elsewhere do not share the CPU with those compiles), and each serves its queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_python_example_loads_and_serves_its_queue() {
+    rebound_tests::init_logging();
+    let store = TestStore::new(Backend::Embedded).await.unwrap();
+    let host = TestHost::start_in(
+        Lang::Python,
+        store.store.clone(),
+        python::PLUGINS,
+        test_config(),
+    );
+    let cases = [
+        ("echo", r#"{"n": 1}"#, r#"{"n":1}"#),
+        ("flaky", "{}", r#"{"succeeded_at":1}"#),
+        (
+            "sleepy",
+            r#"{"ms": 1, "sleep": true}"#,
+            r#"{"slept_ms":1,"gpu":null}"#,
+        ),
+        ("hog", r#"{"mb": 2}"#, r#"{"held_mb":2,"checksum":3}"#),
+    ];
+    assert_eq!(cases.len(), python::PLUGINS.len());
+    for (queue, params, result) in cases {
+        let id = store
+            .store
+            .create(NewTask::new(queue, params))
+            .await
+            .unwrap()
+            .id;
+        let done = wait_until_final(store.store.as_ref(), &id, Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert_eq!(done.state, TaskState::Completed, "{queue}: {done:#?}");
+        assert_eq!(done.result.as_deref(), Some(result), "{queue}");
+    }
+    host.shutdown().await;
+}
+
 /// An exception the handler did not expect is retried, as Python task queues do, and the
 /// task's error names it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
