@@ -42,8 +42,13 @@ class TaskTest(unittest.TestCase):
         with self.assertRaisesRegex(Fatal, "params has no field `height`"):
             t.param("height")
 
+    def test_a_task_for_unit_tests(self):
+        t = Task.of({"url": "u"}, attempt=2)
+        self.assertEqual((t.param("url"), t.attempt, t.max_attempts), ("u", 2, 2))
+        self.assertEqual(Task.of().params, {})
+
     def test_params_that_are_not_an_object_or_not_json_are_fatal(self):
-        with self.assertRaisesRegex(Fatal, "JSON list, not an object"):
+        with self.assertRaisesRegex(Fatal, "JSON array, not an object"):
             task("[1, 2]").param("x")
         with self.assertRaisesRegex(Fatal, "task t-1 has unusable params"):
             task("{nope").params
@@ -61,9 +66,11 @@ class FailureTest(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "zero or more seconds"):
             RetryAfter(-1, "never")
 
-    def test_failures_carry_their_message(self):
+    def test_failures_carry_their_message_or_their_name(self):
         self.assertEqual(Retry("try later").message, "try later")
         self.assertEqual(str(Fatal("bad input")), "bad input")
+        self.assertEqual(Fatal().message, "Fatal")
+        self.assertEqual(RetryAfter(2).message, "RetryAfter")
 
 
 class DiscoveryTest(unittest.TestCase):
@@ -100,6 +107,41 @@ class DiscoveryTest(unittest.TestCase):
         )
         with self.assertRaisesRegex(LookupError, r"declares 2 handlers \(A, b\)"):
             find_handler(two)
+
+    def test_a_shared_base_class_is_not_a_second_handler(self):
+        mod = module(
+            "based",
+            "from rebound_sdk import Handler\n"
+            "class Base(Handler):\n"
+            "    def helper(self):\n"
+            "        return 'base'\n"
+            "class Real(Base):\n"
+            "    def handle(self, task):\n"
+            "        return self.helper() + ' real'\n",
+        )
+        self.assertEqual(find_handler(mod).handle(task()), "base real")
+
+    def test_an_imported_handler_serves_when_the_module_defines_none(self):
+        lib = module("lib", "from rebound_sdk import handler\n@handler\ndef resize(task):\n    return 'lib'\n")
+        app = module("app", "")
+        app.resize = lib.resize
+        self.assertEqual(find_handler(app).handle(task()), "lib")
+        app.other = module("lib2", "from rebound_sdk import handler\n@handler\ndef other(task):\n    pass\n").other
+        with self.assertRaisesRegex(LookupError, r"imports 2 handlers \(resize, other\)"):
+            find_handler(app)
+
+    def test_async_handlers_are_refused(self):
+        with self.assertRaisesRegex(TypeError, "is `async def`"):
+            module("asyncy", "from rebound_sdk import handler\n@handler\nasync def h(task):\n    pass\n")
+        mod = module(
+            "asyncy",
+            "from rebound_sdk import Handler\n"
+            "class H(Handler):\n"
+            "    async def handle(self, task):\n"
+            "        pass\n",
+        )
+        with self.assertRaisesRegex(TypeError, r"H.handle is `async def`"):
+            find_handler(mod)
 
     def test_a_class_that_needs_arguments_is_refused(self):
         mod = module(
@@ -192,6 +234,18 @@ class ExportGlueTest(unittest.TestCase):
             "raise Fatal('bad')": self.wit.Failure_Fatal("bad"),
             "raise KeyError('gone')": self.wit.Failure_Retry("KeyError: 'gone'"),
             "raise RuntimeError()": self.wit.Failure_Retry("RuntimeError"),
+            "raise SystemExit(3)": self.wit.Failure_Retry("SystemExit: 3"),
+            "raise Fatal": self.wit.Failure_Fatal("Fatal"),
+            "import no_such_module_here": self.wit.Failure_Fatal(
+                "ModuleNotFoundError: No module named 'no_such_module_here' (a plugin holds "
+                "only the modules imported when it was built: import this one at the top of "
+                "the handler's module)"
+            ),
+            # (Newer Pythons add ": nan" to the message.)
+            "return float('nan')": self.wit.Failure_Fatal(
+                "the handler's result is not JSON: Out of range float values are not JSON "
+                "compliant"
+            ),
             "task.param('missing')": self.wit.Failure_Fatal("params has no field `missing`"),
             "return object()": self.wit.Failure_Fatal(
                 "the handler's result is not JSON: Object of type object is not JSON serializable"
@@ -200,7 +254,10 @@ class ExportGlueTest(unittest.TestCase):
         for body, expected in cases.items():
             with self.subTest(body):
                 world = self.world(f"@handler\ndef h(task):\n    {body}\n")
-                self.assertEqual(self.outcome(world), expected)
+                got = self.outcome(world)
+                if "nan" in body:
+                    got = type(got)(got.value.removesuffix(": nan"))
+                self.assertEqual(got, expected)
 
     def test_the_exhausted_hook_runs_and_its_exceptions_stay_inside(self):
         app = module(
@@ -225,6 +282,8 @@ class BuildChecksTest(unittest.TestCase):
             tmp = Path(tmp)
             (tmp / "my-app.py").write_text("")
             (tmp / "wit_world.py").write_text("")
+            (tmp / "email.py").write_text("")
+            (tmp / "syntax.py").write_text("def f(:\n")
             (tmp / "ok.py").write_text("")
             (tmp / "notes.txt").write_text("")
             cases = [
@@ -232,6 +291,8 @@ class BuildChecksTest(unittest.TestCase):
                 (tmp / "notes.txt", None, "is not a Python file"),
                 (tmp / "my-app.py", None, "cannot be imported as a Python module"),
                 (tmp / "wit_world.py", None, "is reserved"),
+                (tmp / "email.py", None, "standard library"),
+                (tmp / "syntax.py", None, r"syntax.py, line 1: "),
                 (tmp / "ok.py", tmp / "ok.so", "ends in .wasm"),
             ]
             for app, output, message in cases:

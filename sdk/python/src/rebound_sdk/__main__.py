@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 from pathlib import Path
 
 from .build import BuildError, build
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("rebound-sdk")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m rebound_sdk", description="Build Rebound handler plugins from Python."
+        prog="python -m rebound_sdk",
+        description="Build Rebound task handlers written in Python into WebAssembly plugins.",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"rebound-sdk {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     build_command = commands.add_parser(
         "build",
         help="build a handler module into a plugin component",
@@ -21,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         "Copy the result into the host's plugin directory; its file name is the queue it "
         "serves.",
     )
-    build_command.add_argument("app", type=Path, help="the handler's module, NAME.py")
+    build_command.add_argument(
+        "app", type=Path, metavar="APP.py", help="the module that declares the handler"
+    )
     build_command.add_argument(
         "-o", "--output", type=Path, help="the component to write (default: NAME.wasm here)"
     )

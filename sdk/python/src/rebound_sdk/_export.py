@@ -50,13 +50,23 @@ def _handle(handler: Handler, task: wit.Task) -> str:
         output = handler.handle(_task(task))
     except Failure as failure:
         raise Err(_failure(failure)) from None
-    except Exception as error:
-        # Python's habit: an unexpected exception is worth another try. The traceback goes
-        # to the host's log; the task keeps the one-line summary.
+    except ImportError as error:
+        # Only modules imported while the plugin was built are in it: retrying cannot help.
+        host.log.error("handler raised:\n" + "".join(traceback.format_exception(error)))
+        raise Err(
+            wit.Failure_Fatal(
+                f"{_describe(error)} (a plugin holds only the modules imported when it was "
+                "built: import this one at the top of the handler's module)"
+            )
+        ) from None
+    except BaseException as error:
+        # Python's habit: an unexpected exception is worth another try (SystemExit too: a
+        # handler cannot end the plugin). The traceback goes to the host's log; the task
+        # keeps the one-line summary.
         host.log.error("handler raised:\n" + "".join(traceback.format_exception(error)))
         raise Err(wit.Failure_Retry(_describe(error))) from None
     try:
-        return json.dumps(output, separators=(",", ":"))
+        return json.dumps(output, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as error:
         # The same code would return the same value on every retry.
         raise Err(wit.Failure_Fatal(f"the handler's result is not JSON: {error}")) from None
@@ -73,7 +83,7 @@ def world_for(module: ModuleType) -> type:
         def on_exhausted(self, task: wit.Task, error: str) -> None:
             try:
                 handler.on_exhausted(_task(task), error)
-            except Exception:
+            except BaseException:
                 host.log.error(
                     "on_exhausted raised:\n" + traceback.format_exc()
                 )

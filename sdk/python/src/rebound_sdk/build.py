@@ -50,6 +50,17 @@ def _module_name(app: Path) -> str:
         )
     if name in _RESERVED:
         raise BuildError(f"{app.name}: the module name `{name}` is reserved; rename the file")
+    if name in getattr(sys, "stdlib_module_names", ()):
+        raise BuildError(
+            f"{app.name}: `{name}` is a module of Python's standard library, which an app by "
+            "that name would hide (or be hidden by); rename the file"
+        )
+    # A syntax error is reported now, not after componentize-py has started CPython.
+    try:
+        compile(app.read_bytes(), str(app), "exec", dont_inherit=True)
+    except SyntaxError as error:
+        where = f"{error.filename}, line {error.lineno}"
+        raise BuildError(f"{where}: {error.msg}\n    {(error.text or '').rstrip()}") from None
     return name
 
 
@@ -88,6 +99,9 @@ def build(
     # The SDK itself must be importable inside the component, wherever it is installed.
     sdk_root = Path(__file__).resolve().parent.parent
     output.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the output, then renamed over it: a host watching the folder sees the
+    # whole component appear at once, never a half-written one.
+    partial = output.with_name(f".{output.name}.partial")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="rebound-build-") as scratch:
         entry = Path(scratch) / f"{_ENTRY}.py"
@@ -102,17 +116,23 @@ def build(
         command += ["--wit-path", str(WIT_DIR), "--world", WORLD, "componentize", _ENTRY]
         for directory in search:
             command += ["--python-path", str(directory)]
-        command += ["--output", str(output)]
+        command += ["--output", str(partial)]
         # Its errors end in a Rust backtrace when RUST_BACKTRACE is set; the Python
         # traceback before it is what the plugin author needs.
         env = {**os.environ, "RUST_BACKTRACE": "0", "RUST_LIB_BACKTRACE": "0"}
         done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        detail = done.stderr.split("\nStack backtrace:")[0].strip()
+        partial.unlink(missing_ok=True)
+        detail = done.stderr.split("\nStack backtrace:")[0]
+        # componentize-py wraps the app's own traceback in one of its own, then repeats
+        # the error after "Caused by:"; the app's traceback is what matters.
+        _, wrapped, inner = detail.partition("AssertionError: ")
+        detail = (inner if wrapped else detail).split("\n\nCaused by:")[0].strip()
         raise BuildError(
             f"componentize-py could not build {app.name} (exit {done.returncode}):\n"
             + (detail or done.stdout.strip() or "it printed nothing")
         )
+    os.replace(partial, output)
     if not quiet:
         size = output.stat().st_size / 1e6
         took = time.monotonic() - started

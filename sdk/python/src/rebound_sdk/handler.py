@@ -3,6 +3,7 @@ with :func:`handler`."""
 
 from __future__ import annotations
 
+import inspect
 from types import ModuleType
 from typing import Any, Callable
 
@@ -48,29 +49,39 @@ def handler(function: Callable[[Task], Any]) -> Handler:
     ``on_exhausted`` hook. The function stays callable, for its tests."""
     if not callable(function):
         raise TypeError(f"@handler takes a function, not {type(function).__name__}")
+    _refuse_coroutine(function, getattr(function, "__name__", "the handler"))
     return _FunctionHandler(function)
 
 
+def _refuse_coroutine(function: Any, name: str) -> None:
+    # Each attempt is one synchronous call; nothing would ever run the coroutine.
+    if inspect.iscoroutinefunction(function):
+        raise TypeError(f"{name} is `async def`; a handler is a plain function (no event loop runs it)")
+
+
 def find_handler(module: ModuleType) -> Handler:
-    """The one handler `module` declares: a :class:`Handler` subclass defined in it, or a
-    function marked with :func:`handler`. Zero or several is an error that says which."""
-    found: list[tuple[str, Handler]] = []
+    """The one handler ``module`` declares: a :class:`Handler` subclass, or a function
+    marked with :func:`handler`. Those defined in the module come first; a base class that
+    another of them derives from does not count. Failing those, one handler the module
+    imported will do. Zero or several is an error that says which."""
+    own: list[tuple[str, Any]] = []
+    imported: list[tuple[str, Any]] = []
     for name, value in vars(module).items():
-        if isinstance(value, Handler) and value.__module__ == module.__name__:
-            found.append((name, value))
-        elif (
+        is_instance = isinstance(value, Handler)
+        is_class = (
             isinstance(value, type)
             and issubclass(value, Handler)
-            and value.__module__ == module.__name__
-            and value is not _FunctionHandler
-        ):
-            try:
-                found.append((name, value()))
-            except TypeError as error:
-                raise TypeError(
-                    f"handler class {name} in {module.__name__} must be constructible "
-                    f"without arguments: {error}"
-                ) from None
+            and value not in (Handler, _FunctionHandler)
+        )
+        if is_instance or is_class:
+            (own if value.__module__ == module.__name__ else imported).append((name, value))
+    classes = [value for _, value in own if isinstance(value, type)]
+    own = [
+        (name, value)
+        for name, value in own
+        if not (isinstance(value, type) and any(c is not value and issubclass(c, value) for c in classes))
+    ]
+    found = own or imported
     if not found:
         raise LookupError(
             f"module {module.__name__} declares no handler: define a subclass of "
@@ -78,8 +89,19 @@ def find_handler(module: ModuleType) -> Handler:
         )
     if len(found) > 1:
         names = ", ".join(name for name, _ in found)
+        where = "declares" if own else "imports"
         raise LookupError(
-            f"module {module.__name__} declares {len(found)} handlers ({names}); "
+            f"module {module.__name__} {where} {len(found)} handlers ({names}); "
             "a plugin has exactly one"
         )
-    return found[0][1]
+    name, value = found[0]
+    if isinstance(value, Handler):
+        return value
+    _refuse_coroutine(value.handle, f"{name}.handle")
+    try:
+        return value()
+    except TypeError as error:
+        raise TypeError(
+            f"handler class {name} in {module.__name__} must be constructible "
+            f"without arguments: {error}"
+        ) from None

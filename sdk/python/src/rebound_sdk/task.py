@@ -18,9 +18,10 @@ class Failure(Exception):
     type and message as the task's error.
     """
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str = "") -> None:
+        message = str(message) or type(self).__name__
         super().__init__(message)
-        self.message = str(message)
+        self.message = message
 
 
 class Retry(Failure):
@@ -31,7 +32,7 @@ class RetryAfter(Failure):
     """Try again after ``delay`` (seconds, or a ``timedelta``), instead of the policy's
     delay; for example the ``Retry-After`` of a busy server. It still uses up a retry."""
 
-    def __init__(self, delay: Union[float, timedelta], message: str) -> None:
+    def __init__(self, delay: Union[float, timedelta], message: str = "") -> None:
         super().__init__(message)
         seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
         if not seconds >= 0:
@@ -77,14 +78,36 @@ class Task:
         fails the task fatally, naming the field, unless ``default`` is given."""
         params = self.params
         if not isinstance(params, dict):
-            raise Fatal(f"params is a JSON {type(params).__name__}, not an object")
+            raise Fatal(f"params is a JSON {_json_kind(params)}, not an object")
         if name in params:
             return params[name]
         if default is _MISSING:
             raise Fatal(f"params has no field `{name}`")
         return default
 
+    @classmethod
+    def of(cls, params: Any = None, **fields: Any) -> "Task":
+        """A task for a handler's unit tests: ``params`` (default ``{}``) encoded as the
+        producer would, and any other field given by name (``attempt=2``, say)."""
+        fields.setdefault("id", "test-task")
+        fields.setdefault("queue", "test")
+        fields.setdefault("attempt", 1)
+        fields.setdefault("max_attempts", fields["attempt"])
+        return cls(params_json=json.dumps({} if params is None else params), **fields)
+
     @property
     def is_last_attempt(self) -> bool:
         """Whether this is the task's last attempt: a retry asked for now fails the task."""
         return self.attempt >= self.max_attempts
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return "null" if value is None else type(value).__name__
