@@ -162,6 +162,8 @@ class DiscoveryTest(unittest.TestCase):
 class HostOutsideAPluginTest(unittest.TestCase):
     def test_progress_only_rises_and_cancelled_is_false(self):
         rebound_sdk.host.local_progress = 0
+        rebound_sdk.set_progress(True)
+        self.assertEqual(rebound_sdk.host.local_progress, 0, "a bool is not a percentage")
         rebound_sdk.set_progress(40)
         rebound_sdk.set_progress(20)
         rebound_sdk.set_progress(101)
@@ -298,6 +300,17 @@ class BuildChecksTest(unittest.TestCase):
             for app, output, message in cases:
                 with self.subTest(app=app.name), self.assertRaisesRegex(BuildError, message):
                     build(app, output, quiet=True)
+
+    def test_an_extension_module_is_named_as_the_reason_it_is_missing(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            lib = Path(tmp) / "lib"
+            lib.mkdir()
+            # What pip leaves for a package with C code: a shared object for this machine.
+            (lib / "fastparse.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF")
+            app = Path(tmp) / "uses_c.py"
+            app.write_text("import fastparse\n")
+            with self.assertRaisesRegex(BuildError, "cannot load in WebAssembly"):
+                build(app, Path(tmp) / "uses_c.wasm", [lib], quiet=True)
 
     def test_an_app_that_fails_at_import_fails_the_build_with_its_error(self):
         with tempfile.TemporaryDirectory() as tmp:

@@ -128,9 +128,11 @@ def build(
         # the error after "Caused by:"; the app's traceback is what matters.
         _, wrapped, inner = detail.partition("AssertionError: ")
         detail = (inner if wrapped else detail).split("\n\nCaused by:")[0].strip()
+        hint = _missing_module_hint(detail, [app.resolve().parent, *map(Path, python_path)])
         raise BuildError(
             f"componentize-py could not build {app.name} (exit {done.returncode}):\n"
             + (detail or done.stdout.strip() or "it printed nothing")
+            + (f"\n\n{hint}" if hint else "")
         )
     os.replace(partial, output)
     if not quiet:
@@ -142,3 +144,25 @@ def build(
             file=sys.stderr,
         )
     return output
+
+
+def _missing_module_hint(detail: str, folders: Sequence[Path]) -> Optional[str]:
+    """Why a module the build could not find is missing, when this machine has it as an
+    extension module, compiled for the machine. Looks at files only; nothing is imported."""
+    found = re.findall(r"ModuleNotFoundError: No module named '([\w.]+)'", detail)
+    if not found:
+        return None
+    name = found[-1]
+    top = name.split(".")[0]
+    for entry in [*folders, *map(Path, sys.path)]:
+        package = entry / top
+        extensions = sorted(entry.glob(f"{top}.*.so")) + sorted(entry.glob(f"{top}.*.pyd"))
+        if package.is_dir():
+            extensions += sorted(package.rglob("*.so")) + sorted(package.rglob("*.pyd"))
+        if extensions:
+            return (
+                f"`{top}` is installed here, but with code compiled for this machine "
+                f"({extensions[0]}), which cannot load in WebAssembly: a plugin can use "
+                "pure-Python packages only"
+            )
+    return None

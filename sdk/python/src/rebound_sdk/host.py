@@ -63,11 +63,11 @@ log = _Log()
 
 def set_progress(percent: int) -> None:
     """Reports the task's progress in percent (0-100). A value lower than the last one
-    reported, or over 100, is ignored."""
+    reported, one over 100, or a bool, is ignored."""
     global local_progress
-    percent = int(percent)
-    if not 0 <= percent <= 100:
+    if isinstance(percent, bool) or not 0 <= int(percent) <= 100:
         return
+    percent = int(percent)
     if _host is None:
         local_progress = max(local_progress, percent)
     else:
