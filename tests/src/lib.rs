@@ -60,6 +60,13 @@ impl Lang {
             Lang::Python => python::plugin_wasm(name),
         }
     }
+
+    /// The compiled-plugin cache hosts of this language's plugins use: Python plugins take
+    /// seconds to compile, so every host after the first reads them from
+    /// [`python::compiled_cache`]; Rust ones compile in milliseconds and use none.
+    pub fn compiled_cache(self) -> Option<PathBuf> {
+        (self == Lang::Python).then(python::compiled_cache)
+    }
 }
 
 /// A fresh plugin directory holding copies of the named example plugins.
@@ -671,7 +678,7 @@ impl TestHost {
             std::fs::write(dir.path().join(format!("{name}.toml")), manifest)
                 .expect("cannot write a manifest");
         }
-        let cache = (setup.lang == Lang::Python).then(python::compiled_cache);
+        let cache = setup.lang.compiled_cache();
         let runtime = Arc::new(
             Runtime::with_cache(config.limits.clone(), cache.as_deref()).expect("engine starts"),
         );

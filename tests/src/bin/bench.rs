@@ -156,8 +156,7 @@ fn start_host(
         config.limits.pool = Some((config.concurrency * plugins.len()) as u32);
     }
     let lang = LANG.get().copied().unwrap_or_default();
-    // Python plugins take seconds to compile: every host after the first reads the cache.
-    let cache = (lang == Lang::Python).then(rebound_tests::python::compiled_cache);
+    let cache = lang.compiled_cache();
     let runtime =
         Arc::new(Runtime::with_cache(config.limits.clone(), cache.as_deref()).expect("engine"));
     let mut set = PluginSet::default();

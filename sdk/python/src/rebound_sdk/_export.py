@@ -45,6 +45,10 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def _log_traceback(what: str, error: BaseException) -> None:
+    host.log.error(f"{what} raised:\n" + "".join(traceback.format_exception(error)))
+
+
 def _handle(handler: Handler, task: wit.Task) -> str:
     try:
         output = handler.handle(_task(task))
@@ -52,7 +56,7 @@ def _handle(handler: Handler, task: wit.Task) -> str:
         raise Err(_failure(failure)) from None
     except ImportError as error:
         # Only modules imported while the plugin was built are in it: retrying cannot help.
-        host.log.error("handler raised:\n" + "".join(traceback.format_exception(error)))
+        _log_traceback("handler", error)
         raise Err(
             wit.Failure_Fatal(
                 f"{_describe(error)} (a plugin holds only the modules imported when it was "
@@ -63,7 +67,7 @@ def _handle(handler: Handler, task: wit.Task) -> str:
         # Python's habit: an unexpected exception is worth another try (SystemExit too: a
         # handler cannot end the plugin). The traceback goes to the host's log; the task
         # keeps the one-line summary.
-        host.log.error("handler raised:\n" + "".join(traceback.format_exception(error)))
+        _log_traceback("handler", error)
         raise Err(wit.Failure_Retry(_describe(error))) from None
     try:
         return json.dumps(output, separators=(",", ":"), allow_nan=False)
@@ -83,9 +87,7 @@ def world_for(module: ModuleType) -> type:
         def on_exhausted(self, task: wit.Task, error: str) -> None:
             try:
                 handler.on_exhausted(_task(task), error)
-            except BaseException:
-                host.log.error(
-                    "on_exhausted raised:\n" + traceback.format_exc()
-                )
+            except BaseException as raised:
+                _log_traceback("on_exhausted", raised)
 
     return WitWorld
