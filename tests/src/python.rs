@@ -19,8 +19,8 @@ use anyhow::{Context, bail};
 use sha2::{Digest, Sha256};
 
 /// The Python plugins, by file stem; each builds to `NAME.wasm` and serves the queue `NAME`,
-/// as its Rust twin does.
-pub const PLUGINS: &[&str] = &["echo", "flaky", "sleepy", "hog"];
+/// as its Rust twin does (`lazy_stdlib` has none: it checks what only a Python build needs).
+pub const PLUGINS: &[&str] = &["echo", "flaky", "sleepy", "hog", "lazy_stdlib"];
 
 /// Serializes loads of Python plugins within a test process, so that concurrent tests wait
 /// for the first compile to reach the cache instead of compiling the same component again.

@@ -10,7 +10,7 @@ use rebound::runtime::{AttemptOutcome, Plugin, Runtime, SandboxLimits};
 use rebound::task::{NewTask, Task, TaskState};
 use rebound_tests::{Backend, Lang, TestHost, TestStore, python, test_config, wait_until_final};
 
-/// Every Python example plugin loads on one host (the first load compiles each into the
+/// Every Python plugin loads on one host (the first load compiles each into the
 /// tests' compiled-plugin cache; `scripts/test.sh` runs this file first so that the timed
 /// cases elsewhere do not share the CPU with those compiles), and each serves its queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -32,6 +32,12 @@ async fn every_python_example_loads_and_serves_its_queue() {
             r#"{"slept_ms":1,"gpu":null}"#,
         ),
         ("hog", r#"{"mb": 2}"#, r#"{"held_mb":2,"checksum":3}"#),
+        // Modules the standard library imports at a first call, not at import time.
+        (
+            "lazy_stdlib",
+            r#"{"date": "02.01.2024", "format": "%d.%m.%Y", "hex": "636166e9", "encoding": "cp1252"}"#,
+            r#"{"date":"2024-01-02","weekday":"Tuesday","text":"caf\u00e9"}"#,
+        ),
     ];
     assert_eq!(cases.len(), python::PLUGINS.len());
     for (queue, params, result) in cases {

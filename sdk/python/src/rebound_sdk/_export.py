@@ -50,6 +50,7 @@ def _log_traceback(what: str, error: BaseException) -> None:
 
 
 def _handle(handler: Handler, task: wit.Task) -> str:
+    host._start_attempt(task.progress)
     try:
         output = handler.handle(_task(task))
     except Failure as failure:
@@ -57,10 +58,12 @@ def _handle(handler: Handler, task: wit.Task) -> str:
     except ImportError as error:
         # Only modules imported while the plugin was built are in it: retrying cannot help.
         _log_traceback("handler", error)
+        fix = f"add `import {error.name}`" if error.name else "import it"
         raise Err(
             wit.Failure_Fatal(
-                f"{_describe(error)} (a plugin holds only the modules imported when it was "
-                "built: import this one at the top of the handler's module)"
+                f"{_describe(error)} (a plugin holds only the modules imported while it was "
+                "built, and a library may import one only when it is first used: "
+                f"{fix} at the top of the handler's module)"
             )
         ) from None
     except BaseException as error:
