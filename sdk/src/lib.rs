@@ -36,6 +36,7 @@
 //! Anything written to stdout or stderr ends up in the host's log, tagged with the task id.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -213,11 +214,20 @@ pub mod log {
     }
 }
 
-/// Reports the task's progress in percent (0–100). Lower values than the last one reported,
-/// and values over 100, are ignored by the host.
+/// Reports the task's progress in percent (0–100). Progress only rises: a value not above the
+/// last one reported, or one over 100, is ignored and costs nothing, so a loop may report on
+/// every pass. (Only a rise reaches the host, which counts every call it gets against
+/// `limits.max_progress_per_s`.)
 pub fn set_progress(percent: u8) {
-    wit_host::set_progress(percent);
+    if percent <= 100 && percent > REPORTED.load(Ordering::Relaxed) {
+        REPORTED.store(percent, Ordering::Relaxed);
+        wit_host::set_progress(percent);
+    }
 }
+
+/// The highest progress this attempt has sent to the host, starting from the task's own.
+/// (Each attempt runs in a fresh instance, with one thread.)
+static REPORTED: AtomicU8 = AtomicU8::new(0);
 
 /// Whether the host asks this attempt to stop early (the task was canceled or the host is
 /// shutting down). Cheap enough to call inside a loop.
@@ -257,6 +267,7 @@ pub mod __private {
 
     /// Runs `H::handle` and encodes its outcome for the host.
     pub fn handle<H: Handler>(task: wit::Task) -> Result<String, wit::Failure> {
+        super::REPORTED.store(task.progress, super::Ordering::Relaxed);
         match H::handle(task_from_wit(task)) {
             Ok(output) => Ok(output.to_string()),
             Err(failure) => Err(failure_to_wit(failure)),

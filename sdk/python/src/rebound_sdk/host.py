@@ -20,6 +20,12 @@ except ImportError:
 local_progress = 0
 """Outside a plugin: the highest progress reported so far."""
 
+_reported = 0
+# Inside a plugin: the highest progress this attempt has sent to the host, starting from the
+# task's progress. Only a rise is sent: the host ignores the rest but counts every call
+# against `limits.max_progress_per_s`, so a loop that reports the same percent on every
+# pass would otherwise end its attempt.
+
 
 def _log(level: str, message: str) -> None:
     if _host is None:
@@ -61,17 +67,28 @@ class _Log:
 log = _Log()
 
 
-def set_progress(percent: int) -> None:
-    """Reports the task's progress in percent (0-100). A value lower than the last one
-    reported, one over 100, or a bool, is ignored."""
-    global local_progress
-    if isinstance(percent, bool) or not 0 <= int(percent) <= 100:
+def set_progress(percent: float) -> None:
+    """Reports the task's progress in percent (0-100; a fraction is rounded down). Progress
+    only rises: a value not above the last one reported, or one over 100, is ignored, and
+    costs nothing, so a loop may report on every pass. Anything but a number is a
+    ``TypeError``."""
+    global local_progress, _reported
+    if isinstance(percent, bool) or not isinstance(percent, (int, float)):
+        raise TypeError(f"set_progress takes a number of percent, not {type(percent).__name__}")
+    if not 0 <= percent <= 100:
         return
     percent = int(percent)
     if _host is None:
         local_progress = max(local_progress, percent)
-    else:
+    elif percent > _reported:
+        _reported = percent
         _host.set_progress(percent)
+
+
+def _start_attempt(progress: int) -> None:
+    """Called before each call into the handler, with the task's progress so far."""
+    global _reported
+    _reported = progress
 
 
 def cancelled() -> bool:
