@@ -44,7 +44,10 @@ class TaskTest(unittest.TestCase):
 
     def test_a_task_for_unit_tests(self):
         t = Task.of({"url": "u"}, attempt=2)
-        self.assertEqual((t.param("url"), t.attempt, t.max_attempts), ("u", 2, 2))
+        self.assertEqual((t.param("url"), t.attempt, t.max_attempts), ("u", 2, 4))
+        self.assertFalse(t.is_last_attempt, "attempt 2 of the default policy's 4")
+        self.assertEqual(Task.of(attempt=6).max_attempts, 6)
+        self.assertTrue(Task.of(attempt=4).is_last_attempt)
         self.assertEqual(Task.of().params, {})
 
     def test_params_that_are_not_an_object_or_not_json_are_fatal(self):
@@ -143,6 +146,22 @@ class DiscoveryTest(unittest.TestCase):
         with self.assertRaisesRegex(TypeError, r"H.handle is `async def`"):
             find_handler(mod)
 
+    def test_a_configured_instance_serves_instead_of_its_class(self):
+        mod = module(
+            "configured",
+            "from rebound_sdk import Handler\n"
+            "class Resize(Handler):\n"
+            "    def __init__(self, width):\n"
+            "        self.width = width\n"
+            "    def handle(self, task):\n"
+            "        return self.width\n"
+            "resize = Resize(width=640)\n",
+        )
+        self.assertEqual(find_handler(mod).handle(task()), 640)
+        mod.thumbnail = mod.Resize(width=64)
+        with self.assertRaisesRegex(LookupError, r"declares 2 handlers \(resize, thumbnail\)"):
+            find_handler(mod)
+
     def test_a_class_that_needs_arguments_is_refused(self):
         mod = module(
             "needy",
@@ -162,13 +181,48 @@ class DiscoveryTest(unittest.TestCase):
 class HostOutsideAPluginTest(unittest.TestCase):
     def test_progress_only_rises_and_cancelled_is_false(self):
         rebound_sdk.host.local_progress = 0
-        rebound_sdk.set_progress(True)
-        self.assertEqual(rebound_sdk.host.local_progress, 0, "a bool is not a percentage")
-        rebound_sdk.set_progress(40)
+        rebound_sdk.set_progress(40.9)
         rebound_sdk.set_progress(20)
         rebound_sdk.set_progress(101)
+        rebound_sdk.set_progress(float("nan"))
         self.assertEqual(rebound_sdk.host.local_progress, 40)
         self.assertFalse(rebound_sdk.cancelled())
+
+    def test_progress_that_is_not_a_number_is_a_type_error(self):
+        for value in (None, "50", True):
+            with self.subTest(value=value), self.assertRaisesRegex(TypeError, "takes a number"):
+                rebound_sdk.set_progress(value)
+
+
+class RecordingHost:
+    """Stands in for the component's `host` import, recording what the SDK sends it."""
+
+    def __init__(self):
+        self.progress = []
+
+    def set_progress(self, percent):
+        self.progress.append(percent)
+
+
+class ProgressInsideAPluginTest(unittest.TestCase):
+    def setUp(self):
+        self.sent = RecordingHost()
+        rebound_sdk.host._host = self.sent
+        self.addCleanup(setattr, rebound_sdk.host, "_host", None)
+
+    def test_only_a_rise_over_the_tasks_progress_reaches_the_host(self):
+        # The host counts every call against limits.max_progress_per_s: a loop reporting on
+        # every pass must not send the same percent again and again.
+        rebound_sdk.host._start_attempt(30)
+        for percent in [10, 30, 31, 31, 31, 50, 40, 100, 100, 101]:
+            rebound_sdk.set_progress(percent)
+        self.assertEqual(self.sent.progress, [31, 50, 100])
+
+    def test_a_loop_of_ten_thousand_passes_sends_at_most_a_hundred_updates(self):
+        rebound_sdk.host._start_attempt(0)
+        for i in range(10_000):
+            rebound_sdk.set_progress(i * 100 // 10_000)
+        self.assertEqual(self.sent.progress, list(range(1, 100)))
 
 
 class ExportGlueTest(unittest.TestCase):
@@ -240,7 +294,8 @@ class ExportGlueTest(unittest.TestCase):
             "raise Fatal": self.wit.Failure_Fatal("Fatal"),
             "import no_such_module_here": self.wit.Failure_Fatal(
                 "ModuleNotFoundError: No module named 'no_such_module_here' (a plugin holds "
-                "only the modules imported when it was built: import this one at the top of "
+                "only the modules imported while it was built, and a library may import one "
+                "only when it is first used: add `import no_such_module_here` at the top of "
                 "the handler's module)"
             ),
             # (Newer Pythons add ": nan" to the message.)
@@ -260,6 +315,19 @@ class ExportGlueTest(unittest.TestCase):
                 if "nan" in body:
                     got = type(got)(got.value.removesuffix(": nan"))
                 self.assertEqual(got, expected)
+
+    def test_each_attempt_reports_progress_from_the_tasks_own(self):
+        sent = RecordingHost()
+        rebound_sdk.host._host = sent
+        self.addCleanup(setattr, rebound_sdk.host, "_host", None)
+        world = self.world(
+            "@handler\n"
+            "def h(task):\n"
+            "    for percent in (10, 30, 35, 35):\n"
+            "        set_progress(percent)\n"
+        )
+        world.handle(self.wit_task())  # the task's progress is 30
+        self.assertEqual(sent.progress, [35])
 
     def test_the_exhausted_hook_runs_and_its_exceptions_stay_inside(self):
         app = module(
@@ -300,6 +368,44 @@ class BuildChecksTest(unittest.TestCase):
             for app, output, message in cases:
                 with self.subTest(app=app.name), self.assertRaisesRegex(BuildError, message):
                     build(app, output, quiet=True)
+
+    def test_an_output_folder_that_cannot_be_made_is_an_error_that_names_it(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            app = Path(tmp) / "ok.py"
+            app.write_text("")
+            (Path(tmp) / "blocker").write_text("a file where the folder would go")
+            with self.assertRaisesRegex(BuildError, r"cannot create the folder for .*blocker"):
+                build(app, Path(tmp) / "blocker" / "ok.wasm", quiet=True)
+
+    def test_an_app_named_after_the_standard_library_is_refused_from_its_own_folder(self):
+        # `python -m` puts the current folder first on the module path, where `json.py`
+        # would hide the `json` the build command itself imports.
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "json.py").write_text("raise SystemExit('the app ran in the build command')\n")
+            done = subprocess.run(
+                [sys.executable, "-m", "rebound_sdk", "build", "json.py"],
+                cwd=tmp,
+                capture_output=True,
+                text=True,
+            )
+            self.assertEqual(done.returncode, 1, done.stderr)
+            self.assertIn("`json` is a module of Python's standard library", done.stderr)
+
+    def test_a_package_whose_compiled_part_is_missing_is_named(self):
+        from rebound_sdk.build import _missing_module_hint
+
+        with tempfile.TemporaryDirectory() as tmp:
+            lib = Path(tmp) / "lib"
+            (lib / "fastcore").mkdir(parents=True)
+            (lib / "fastcore" / "__init__.py").write_text("from ._impl import Thing\n")
+            (lib / "fastcore" / "_impl.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF")
+            detail = (
+                "ImportError: cannot import name 'Thing' from 'fastcore._impl' (unknown location)"
+            )
+            hint = _missing_module_hint(detail, [lib])
+            self.assertIsNotNone(hint)
+            self.assertIn("fastcore/_impl.cpython-311-x86_64-linux-gnu.so", hint)
+            self.assertIsNone(_missing_module_hint("ValueError: nothing to do with imports", [lib]))
 
     def test_an_extension_module_is_named_as_the_reason_it_is_missing(self):
         with tempfile.TemporaryDirectory() as tmp:

@@ -22,9 +22,23 @@ memory limits. It reaches only what the host grants: :data:`log`, :func:`set_pro
 stdout or stderr ends up in the host's log, tagged with the task.
 """
 
-from .handler import Handler, handler
-from .host import cancelled, log, set_progress
-from .task import Failure, Fatal, Retry, RetryAfter, Task
+import os as _os
+import sys as _sys
+
+# `python -m rebound_sdk build email.py`, run in the app's own folder, puts that folder first
+# on the module path, where `email.py` would hide the standard library's `email` from the
+# build command itself before it could say so. The build needs no module from that folder
+# (it hands the app's folder to componentize-py on its own), so it is taken off the path.
+if (
+    _sys.argv[:1] == ["-m"]
+    and _sys.orig_argv[-len(_sys.argv) :][:1] == [__name__]
+    and _sys.path[:1] == [_os.getcwd()]
+):
+    del _sys.path[0]
+
+from .handler import Handler, handler  # noqa: E402
+from .host import cancelled, log, set_progress  # noqa: E402
+from .task import Failure, Fatal, Retry, RetryAfter, Task  # noqa: E402
 
 __all__ = [
     "Failure",

@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     except BuildError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:
+        # A file the build reads or writes, outside the checks above (a full disk, say).
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -59,11 +59,26 @@ def _refuse_coroutine(function: Any, name: str) -> None:
         raise TypeError(f"{name} is `async def`; a handler is a plain function (no event loop runs it)")
 
 
+def _superseded(value: Any, found: list[tuple[str, Any]]) -> bool:
+    """Whether the handler class ``value`` only serves another of those ``found``: a base
+    class that another derives from, or the class of an instance the module configured
+    (``resize = Resize(width=640)``)."""
+    if not isinstance(value, type):
+        return False
+    for _, other in found:
+        if other is value:
+            continue
+        if issubclass(other, value) if isinstance(other, type) else isinstance(other, value):
+            return True
+    return False
+
+
 def find_handler(module: ModuleType) -> Handler:
-    """The one handler ``module`` declares: a :class:`Handler` subclass, or a function
-    marked with :func:`handler`. Those defined in the module come first; a base class that
-    another of them derives from does not count. Failing those, one handler the module
-    imported will do. Zero or several is an error that says which."""
+    """The one handler ``module`` declares: a :class:`Handler` subclass, an instance of one,
+    or a function marked with :func:`handler`. Those defined in the module come first; a base
+    class that another of them derives from, or a class the module made an instance of, does
+    not count. Failing those, one handler the module imported will do. Zero or several is an
+    error that says which."""
     own: list[tuple[str, Any]] = []
     imported: list[tuple[str, Any]] = []
     for name, value in vars(module).items():
@@ -75,12 +90,8 @@ def find_handler(module: ModuleType) -> Handler:
         )
         if is_instance or is_class:
             (own if value.__module__ == module.__name__ else imported).append((name, value))
-    classes = [value for _, value in own if isinstance(value, type)]
-    own = [
-        (name, value)
-        for name, value in own
-        if not (isinstance(value, type) and any(c is not value and issubclass(c, value) for c in classes))
-    ]
+    own = [(name, value) for name, value in own if not _superseded(value, own)]
+    imported = [(name, value) for name, value in imported if not _superseded(value, imported)]
     found = own or imported
     if not found:
         raise LookupError(

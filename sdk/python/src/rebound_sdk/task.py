@@ -9,6 +9,8 @@ from functools import cached_property
 from typing import Any, Optional, Union
 
 _MISSING: Any = object()
+# The first attempt and the retries of the host's default policy (`retry.max_retry_count`).
+_DEFAULT_MAX_ATTEMPTS = 4
 
 
 class Failure(Exception):
@@ -88,11 +90,13 @@ class Task:
     @classmethod
     def of(cls, params: Any = None, **fields: Any) -> "Task":
         """A task for a handler's unit tests: ``params`` (default ``{}``) encoded as the
-        producer would, and any other field given by name (``attempt=2``, say)."""
+        producer would, and any other field given by name (``attempt=2``, say).
+        ``max_attempts`` defaults to what the host's default retry policy gives (4: the
+        first attempt and 3 retries), or to ``attempt`` when that is higher."""
         fields.setdefault("id", "test-task")
         fields.setdefault("queue", "test")
         fields.setdefault("attempt", 1)
-        fields.setdefault("max_attempts", fields["attempt"])
+        fields.setdefault("max_attempts", max(fields["attempt"], _DEFAULT_MAX_ATTEMPTS))
         return cls(params_json=json.dumps({} if params is None else params), **fields)
 
     @property
