@@ -862,8 +862,8 @@ async fn cancel(store: &dyn crate::store::Store, id: &str, json: bool) -> anyhow
     match state {
         TaskState::Running => emit(&format!(
             "task {id} is running: the host running it stops it within about a second and it \
-             ends canceled (if that host died, once its lease runs out and another host takes \
-             the task back)"
+             ends canceled, or completed if its handler returns a result first (if that host \
+             died, once its lease runs out and another host takes the task back)"
         )),
         state => emit(&format!("task {id} is {state}")),
     }

@@ -25,7 +25,7 @@ use tracing::{debug, error, info, warn};
 use crate::backoff::RetryPolicy;
 use crate::gpu::GpuRequirement;
 use crate::metrics;
-use crate::runtime::plugin::LivePlugins;
+use crate::runtime::plugin::{LivePlugins, LoadError};
 use crate::runtime::{Plugin, Runtime};
 
 /// How long the directory must be quiet before changes are loaded.
@@ -89,21 +89,22 @@ pub fn watch_dir(dir: &Path, loader: Loader, live: LivePlugins) -> anyhow::Resul
             let plugins: BTreeSet<PathBuf> =
                 touched.iter().filter_map(|p| plugin_file(p)).collect();
             // Removals first, so that a plugin renamed with its queue finds the queue free;
-            // then loads, and once more the loads refused, which may have waited on a queue
-            // another file of the same change gave up.
+            // then loads, and once more the loads refused for a queue served by another
+            // file, which another load of the same change may have moved off that queue.
             let (gone, changed): (Vec<PathBuf>, Vec<PathBuf>) =
                 plugins.into_iter().partition(|wasm| !wasm.exists());
             for wasm in gone {
-                reload_one(&loader, &live, wasm).await;
+                reload_one(&loader, &live, wasm, Attempt::Last).await;
             }
-            let mut refused = Vec::new();
+            let mut waiting = Vec::new();
             for wasm in changed {
-                if !reload_one(&loader, &live, wasm.clone()).await {
-                    refused.push(wasm);
+                let outcome = reload_one(&loader, &live, wasm.clone(), Attempt::First).await;
+                if let Reloaded::QueueTaken = outcome {
+                    waiting.push(wasm);
                 }
             }
-            for wasm in refused {
-                reload_one(&loader, &live, wasm).await;
+            for wasm in waiting {
+                reload_one(&loader, &live, wasm, Attempt::Last).await;
             }
         }
     });
@@ -136,9 +137,29 @@ fn plugin_file(path: &Path) -> Option<PathBuf> {
     }
 }
 
-/// Loads, replaces or drops the plugin of `wasm` after a change. Returns false when the
-/// file was there but did not load.
-async fn reload_one(loader: &Loader, live: &LivePlugins, wasm: PathBuf) -> bool {
+/// Whether a refused load may be tried again in the same batch of changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    First,
+    Last,
+}
+
+/// What became of one changed plugin file.
+enum Reloaded {
+    /// Loaded, replaced or dropped; or refused, and the reason logged.
+    Settled,
+    /// Refused on a first attempt because another file's plugin serves its queue; not
+    /// logged, since another change of the same batch may free the queue.
+    QueueTaken,
+}
+
+/// Loads, replaces or drops the plugin of `wasm` after a change.
+async fn reload_one(
+    loader: &Loader,
+    live: &LivePlugins,
+    wasm: PathBuf,
+    attempt: Attempt,
+) -> Reloaded {
     if !wasm.exists() {
         if let Some(gone) = live.update(|set| set.remove_file(&wasm)) {
             info!(
@@ -148,7 +169,7 @@ async fn reload_one(loader: &Loader, live: &LivePlugins, wasm: PathBuf) -> bool 
                 "plugin file removed: its queue takes no new tasks here"
             );
         }
-        return true;
+        return Reloaded::Settled;
     }
     let before = live.current();
     let previous = before.iter().find(|plugin| plugin.path() == wasm).cloned();
@@ -184,7 +205,7 @@ async fn reload_one(loader: &Loader, live: &LivePlugins, wasm: PathBuf) -> bool 
                     version = plugin.version(),
                     "plugin file touched, not changed"
                 );
-                return true;
+                return Reloaded::Settled;
             }
             metrics::plugin_loaded(plugin.name(), plugin.version());
             let load_ms = plugin.load_time().as_millis() as u64;
@@ -215,9 +236,16 @@ async fn reload_one(loader: &Loader, live: &LivePlugins, wasm: PathBuf) -> bool 
             for warning in &plugin.manifest().warnings {
                 warn!(plugin = plugin.name(), "{warning}");
             }
-            true
+            Reloaded::Settled
         }
         Err(err) => {
+            let queue_taken = err
+                .downcast_ref::<LoadError>()
+                .is_some_and(LoadError::queue_taken);
+            if queue_taken && attempt == Attempt::First {
+                debug!("{err:#}; trying again after the other changes");
+                return Reloaded::QueueTaken;
+            }
             metrics::plugin_load_failed();
             match previous {
                 Some(old) => error!(
@@ -226,7 +254,7 @@ async fn reload_one(loader: &Loader, live: &LivePlugins, wasm: PathBuf) -> bool 
                 ),
                 None => error!("{err:#}"),
             }
-            false
+            Reloaded::Settled
         }
     }
 }

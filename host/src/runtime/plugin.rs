@@ -51,6 +51,10 @@ pub struct Plugin {
     load_time: Duration,
 }
 
+/// From this size on a component takes long enough to compile (seconds, uncached) that the
+/// host says it is loading it before it starts.
+const SLOW_COMPILE_BYTES: usize = 4 << 20;
+
 /// A plugin file that did not load, and why.
 #[derive(Debug)]
 pub struct LoadError {
@@ -67,6 +71,26 @@ impl fmt::Display for LoadError {
 }
 
 impl std::error::Error for LoadError {}
+
+impl LoadError {
+    /// Whether the plugin was refused only because another file's plugin serves its queue,
+    /// which may change once that file is removed or reloaded.
+    pub fn queue_taken(&self) -> bool {
+        self.cause.downcast_ref::<QueueTaken>().is_some()
+    }
+}
+
+/// A plugin whose queue another file's plugin serves already.
+#[derive(Debug, thiserror::Error)]
+#[error("plugin {}: queue {queue} is served by {} already", .path.display(), .other.display())]
+pub struct QueueTaken {
+    /// The plugin refused.
+    pub path: PathBuf,
+    /// The queue both would serve.
+    pub queue: String,
+    /// The file of the plugin serving it.
+    pub other: PathBuf,
+}
 
 impl Plugin {
     /// Compiles the component at `path` and links it against the host's imports. The plugin
@@ -102,6 +126,20 @@ impl Plugin {
         let bytes = std::fs::read(path)
             .with_context(|| format!("plugin {}: cannot read the file", path.display()))?;
         let version = version_of(&bytes);
+        // Compiling a large component (a Python one embeds CPython) takes seconds, unless
+        // the compiled-plugin cache has it: say so before the wait, not only after.
+        let size_kb = bytes.len() / 1024;
+        if bytes.len() >= SLOW_COMPILE_BYTES {
+            tracing::info!(
+                plugin = %name,
+                %version,
+                size_kb,
+                "loading plugin: compiling a component this large takes seconds, unless the \
+                 compiled-plugin cache has it"
+            );
+        } else {
+            tracing::debug!(plugin = %name, %version, size_kb, "loading plugin");
+        }
         let component = Component::new(runtime.engine(), &bytes)
             .map_err(anyhow::Error::from)
             .with_context(|| format!("plugin {}: not a loadable component", path.display()))?;
@@ -350,14 +388,13 @@ impl PluginSet {
     }
 
     /// Refuses a plugin whose queue another file's plugin serves already.
-    fn check_queue_is_free(&self, plugin: &Plugin) -> anyhow::Result<()> {
+    fn check_queue_is_free(&self, plugin: &Plugin) -> Result<(), QueueTaken> {
         match self.plugins.get(plugin.queue()) {
-            Some(other) if other.path() != plugin.path() => Err(anyhow!(
-                "plugin {}: queue {} is served by {} already",
-                plugin.path().display(),
-                plugin.queue(),
-                other.path().display()
-            )),
+            Some(other) if other.path() != plugin.path() => Err(QueueTaken {
+                path: plugin.path().to_owned(),
+                queue: plugin.queue().to_owned(),
+                other: other.path().to_owned(),
+            }),
             _ => Ok(()),
         }
     }
