@@ -170,7 +170,8 @@ class DiscoveryTest(unittest.TestCase):
             "    def __init__(self, model):\n"
             "        self.model = model\n",
         )
-        with self.assertRaisesRegex(TypeError, "constructible without arguments"):
+        fix = r"constructible without arguments .*`handler = Needy\(\.\.\.\)`"
+        with self.assertRaisesRegex(TypeError, fix):
             find_handler(mod)
 
     def test_handler_refuses_what_is_not_callable(self):
@@ -353,6 +354,7 @@ class BuildChecksTest(unittest.TestCase):
             (tmp / "my-app.py").write_text("")
             (tmp / "wit_world.py").write_text("")
             (tmp / "email.py").write_text("")
+            (tmp / "annotationlib.py").write_text("")
             (tmp / "syntax.py").write_text("def f(:\n")
             (tmp / "ok.py").write_text("")
             (tmp / "notes.txt").write_text("")
@@ -362,6 +364,8 @@ class BuildChecksTest(unittest.TestCase):
                 (tmp / "my-app.py", None, "cannot be imported as a Python module"),
                 (tmp / "wit_world.py", None, "is reserved"),
                 (tmp / "email.py", None, "standard library"),
+                # In the CPython a component embeds (3.14), perhaps not in the one building.
+                (tmp / "annotationlib.py", None, "standard library"),
                 (tmp / "syntax.py", None, r"syntax.py, line 1: "),
                 (tmp / "ok.py", tmp / "ok.so", "ends in .wasm"),
             ]

@@ -24,6 +24,10 @@ WORLD = "rebound:plugin/handler"
 _ENTRY = "rebound_plugin_entry"
 # Names the component's own modules take; an app by one of these names would shadow them.
 _RESERVED = {_ENTRY, "rebound_sdk", "wit_world", "componentize_py_types", "componentize_py_runtime"}
+# Standard modules of the CPython that componentize-py embeds (3.14) which an older Python
+# running the build does not list in `sys.stdlib_module_names`: an app by one of these names
+# would be hidden by them inside the component.
+_EMBEDDED_STDLIB_ONLY = {"annotationlib", "compression", "_colorize", "_pyrepl"}
 # What the host accepts as a queue name (a plugin serves the queue its file is named after,
 # unless its manifest names another).
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -50,7 +54,7 @@ def _module_name(app: Path) -> str:
         )
     if name in _RESERVED:
         raise BuildError(f"{app.name}: the module name `{name}` is reserved; rename the file")
-    if name in getattr(sys, "stdlib_module_names", ()):
+    if name in getattr(sys, "stdlib_module_names", ()) or name in _EMBEDDED_STDLIB_ONLY:
         raise BuildError(
             f"{app.name}: `{name}` is a module of Python's standard library, which an app by "
             "that name would hide (or be hidden by); rename the file"

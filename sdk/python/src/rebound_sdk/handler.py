@@ -114,5 +114,6 @@ def find_handler(module: ModuleType) -> Handler:
     except TypeError as error:
         raise TypeError(
             f"handler class {name} in {module.__name__} must be constructible "
-            f"without arguments: {error}"
+            f"without arguments ({error}), or made once at import time with its "
+            f"settings: `handler = {name}(...)`"
         ) from None
