@@ -49,11 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         build(args.app, args.output, args.python_path)
-    except BuildError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:
-        # A file the build reads or writes, outside the checks above (a full disk, say).
+    except (BuildError, OSError) as error:
+        # OSError: a file the build reads or writes, past its own checks (a full disk, say).
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

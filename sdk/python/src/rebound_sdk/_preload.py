@@ -6,7 +6,7 @@ and ``time.strptime`` import ``_strptime``, and ``bytes.decode("cp1252")`` (or a
 but the few built in) imports ``encodings.cp1252``. In a plugin those imports would fail at
 run time although the handler's own imports are all at the top of its module. The build's
 entry module imports this one first, so they are in every plugin. Every codec together adds
-about 0.3 MB to a component of about 18 MB.
+about 0.3 MB to a component of about 18.6 MB.
 """
 
 import importlib
@@ -15,13 +15,9 @@ import pkgutil
 import _strptime  # noqa: F401  (datetime.strptime, time.strptime)
 import encodings
 
-PRELOADED_CODECS: list[str] = []
-"""The codec modules this build holds (``encodings.NAME``)."""
-
 for _codec in pkgutil.iter_modules(encodings.__path__):
     try:
         importlib.import_module(f"encodings.{_codec.name}")
     except (ImportError, LookupError):
         # Windows' own codecs (mbcs, oem), and any whose C part this CPython lacks.
-        continue
-    PRELOADED_CODECS.append(_codec.name)
+        pass
